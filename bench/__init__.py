@@ -1,0 +1,1 @@
+"""Benchmarks that print Kiln against a peer measured in the same run."""

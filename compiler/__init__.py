@@ -1,0 +1,1 @@
+"""torch.compile lowering per shape bucket (see issue: compiler)."""

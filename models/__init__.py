@@ -1,0 +1,1 @@
+"""Model architectures in plain PyTorch, and the loader that fills them from checkpoints."""

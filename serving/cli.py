@@ -1,0 +1,41 @@
+"""The `kiln` command: `kiln serve` starts the engine process, then the HTTP server."""
+
+import argparse
+import logging
+import sys
+
+from kiln.serving.server_args import ServerArgs
+
+log = logging.getLogger("kiln")
+
+
+def serve(argv: list[str]) -> int:
+    args = ServerArgs.from_cli(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    import uvicorn
+
+    from kiln.serving.app import create_app
+    from kiln.serving.engine_client import EngineStartError
+
+    try:
+        app = create_app(args)
+    except EngineStartError as exc:
+        log.error("could not start: %s", exc)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: serve language models over SGLang's HTTP API")
+    parser.add_argument("command", choices=["serve"], help="serve: start the HTTP server (kiln serve --help)")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    ns, rest = parser.parse_known_args(argv[:1])
+    return {"serve": serve}[ns.command](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The model loop's owner: loads the model, sizes the KV pool, steps the scheduler."""
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.models.loader import load_model, read_config, resolve_checkpoint
+from kiln.serving.kv_pool import KVPool
+from kiln.serving.messages import GenerateRequest, TokenOutput
+from kiln.serving.model_runner import ModelRunner
+from kiln.serving.request import Req
+from kiln.serving.sampler import apply_penalties, sample
+from kiln.serving.scheduler import Scheduler
+from kiln.serving.server_args import ServerArgs
+from kiln.serving.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class EngineCore:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        t0 = time.monotonic()
+        self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
+        self.cfg = read_config(self.checkpoint)
+        self.tokenizer = load_tokenizer(args.tokenizer_path or str(self.checkpoint))
+        free_before = available_memory(self.device)
+        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, time.monotonic() - t0)
+
+        self.context_len = args.context_length or self.cfg.max_position_embeddings
+        per_token = KVPool.bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype)
+        num_slots = args.max_total_tokens
+        if num_slots is None:
+            fraction = args.mem_fraction_static or (0.85 if self.device.type == "cuda" else 0.3)
+            num_slots = int((free_before * fraction - weights) // per_token)
+        if num_slots < 16:
+            raise RuntimeError(f"KV pool would hold only {num_slots} tokens; raise --mem-fraction-static or --max-total-tokens")
+        self.max_running = args.max_running_requests or (256 if self.device.type == "cuda" else 64)
+        self.pool = KVPool(
+            num_slots, self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
+            self.dtype, self.device, self.max_running, self.context_len,
+        )  # fmt: skip
+        log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
+        self.eos_ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(
+            self.pool, self.max_running, args.max_prefill_tokens, self.eos_ids, self.context_len,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+        )  # fmt: skip
+        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self._seeds = torch.Generator().manual_seed(args.random_seed)
+
+    def info(self) -> dict[str, Any]:
+        """The figures /get_server_info and the tokenizer side need."""
+        return {
+            "max_total_num_tokens": self.pool.size,
+            "max_running_requests": self.max_running,
+            "max_req_input_len": self.context_len - 1,
+            "context_length": self.context_len,
+            "dtype_resolved": str(self.dtype).removeprefix("torch."),
+            "device_resolved": str(self.device),
+            "checkpoint": str(self.checkpoint),
+            "model_type": self.cfg.model_type,
+            "architectures": self.cfg.architectures,
+            "num_running_reqs": len(self.scheduler.running),
+            "num_waiting_reqs": len(self.scheduler.waiting),
+            "free_slots": self.pool.free_slots,
+        }
+
+    def add(self, msg: GenerateRequest) -> list[TokenOutput]:
+        seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
+        req = Req(msg.rid, msg.input_ids, msg.params, seed)
+        if req.remaining_tokens() > self.pool.size:
+            req.finish_reason = {"type": "abort", "message": f"request needs {req.remaining_tokens()} KV slots; the pool has {self.pool.size}"}
+            return [self._output(req)]
+        self.scheduler.add(req)
+        return []
+
+    def abort(self, rid: str) -> list[TokenOutput]:
+        return [self._output(r) for r in self.scheduler.abort(rid)]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[TokenOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.forward(batch)
+        apply_penalties(logits, batch.reqs, self.eos_ids)
+        next_ids = sample(logits, batch.reqs)
+        self.scheduler.process(batch, next_ids)
+        return [self._output(r) for r in batch.reqs]
+
+    @staticmethod
+    def _output(req: Req) -> TokenOutput:
+        new = req.output_ids[req.sent :]
+        req.sent = len(req.output_ids)
+        return TokenOutput(req.rid, new, len(req.input_ids), req.cached_tokens, req.finish_reason)

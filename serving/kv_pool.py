@@ -1,0 +1,72 @@
+"""The token-slot KV pool: one slot per token, and the table of each request's slots."""
+
+import torch
+from torch import Tensor
+
+
+class OutOfSlots(RuntimeError):
+    pass
+
+
+class KVPool:
+    """K and V for every layer, plus a free list of slots and of request-table rows.
+
+    Slot 0 is never handed out: padding rows write their K/V there.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_requests: int,
+        max_context: int,
+    ):
+        shape = (num_layers, num_slots + 1, kv_heads, head_dim)
+        # Left uninitialised (zeroing a large pool takes seconds): every slot a
+        # request table names is written in the step that allocates it, and
+        # unwritten table entries name slot 0, the one slot zeroed here.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, 0].zero_()
+        self.v[:, 0].zero_()
+        self.req_to_token = torch.zeros(max_requests, max_context, dtype=torch.int32, device=device)
+        self.size = num_slots
+        self._free_slots = torch.arange(1, num_slots + 1, dtype=torch.int64)
+        self._free_rows = list(range(max_requests - 1, -1, -1))
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def alloc_row(self) -> int:
+        if not self._free_rows:
+            raise OutOfSlots("no free request rows")
+        return self._free_rows.pop()
+
+    def free_row(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def alloc_slots(self, row: int, start: int, n: int) -> Tensor:
+        """Hands out n slots and records them as positions [start, start+n) of the row."""
+        if n > len(self._free_slots):
+            raise OutOfSlots(f"asked for {n} slots, {len(self._free_slots)} free")
+        slots, self._free_slots = self._free_slots[:n], self._free_slots[n:]
+        self.req_to_token[row, start : start + n] = slots.to(self.req_to_token.device, torch.int32)
+        return slots
+
+    def free_slots_of(self, row: int, length: int) -> None:
+        """Returns the first `length` slots of a row to the free list."""
+        slots = self.req_to_token[row, :length].to("cpu", torch.int64)
+        self._free_slots = torch.cat([self._free_slots, slots])

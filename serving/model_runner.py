@@ -1,0 +1,43 @@
+"""Turns a scheduled batch into tensors, runs the model, returns last-token logits."""
+
+import torch
+from torch import Tensor, nn
+
+from kiln.ops.attention import AttentionMetadata
+from kiln.serving.kv_pool import KVPool
+from kiln.serving.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, pool: KVPool, device: torch.device):
+        self.model = model
+        self.pool = pool
+        self.device = device
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> Tensor:
+        """Logits [B, vocab] (float32) at each request's last new token."""
+        ids, positions, slots, lens, ext = [], [], [], [], []
+        for req, extend in zip(batch.reqs, batch.extends):
+            start = req.kv_len
+            ids += extend
+            positions += range(start, start + len(extend))
+            slots.append(self.pool.req_to_token[req.row, start : start + len(extend)])
+            lens.append(start + len(extend))
+            ext.append(len(extend))
+        dev = self.device
+        meta = AttentionMetadata(
+            out_slots=torch.cat(slots).to(dev, torch.int64),
+            req_to_token=self.pool.req_to_token,
+            req_indices=torch.tensor([r.row for r in batch.reqs], dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int64, device=dev),
+            extend_lens=torch.tensor(ext, dtype=torch.int64, device=dev),
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            (self.pool.k, self.pool.v),
+            meta,
+        )
+        last = torch.tensor(ext, device=dev).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last])

@@ -1,0 +1,62 @@
+"""One request's state inside the engine, and the rules that finish it."""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kiln.serving.sampling_params import SamplingParams
+
+
+class Req:
+    def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, seed: int):
+        self.rid = rid
+        self.input_ids = input_ids
+        self.params = params
+        self.output_ids: list[int] = []
+        self.row = -1  # row of the request-to-slots table, -1 while waiting
+        self.kv_len = 0  # tokens whose K/V are in the pool
+        self.cached_tokens = 0
+        self.finish_reason: dict[str, Any] | None = None
+        self.sent = 0  # output ids already reported to the client
+        self.arrival = time.monotonic()
+        self.generator = torch.Generator().manual_seed(params.sampling_seed if params.sampling_seed is not None else seed)
+        self.stop_ids = set(params.stop_token_ids or [])
+        self.stop_strs = params.stop_strings
+        self.max_stop_len = max((len(s) for s in self.stop_strs), default=0)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_extend(self) -> list[int]:
+        """The tokens whose K/V the next forward must compute."""
+        return self.all_ids[self.kv_len :]
+
+    def remaining_tokens(self) -> int:
+        """Upper bound on slots this request may still take."""
+        return len(self.input_ids) + self.params.max_new_tokens - self.kv_len
+
+    def check_finished(self, eos_ids: set[int], context_len: int, decode: Callable[[list[int]], str]) -> None:
+        """Applies SGLang's order: length, then stop tokens, then stop strings."""
+        p = self.params
+        if len(self.output_ids) >= p.max_new_tokens or len(self.input_ids) + len(self.output_ids) >= context_len:
+            self.finish_reason = {"type": "length", "length": len(self.output_ids)}
+            return
+        if len(self.output_ids) < p.min_new_tokens:
+            return
+        last = self.output_ids[-1]
+        if last in self.stop_ids or (not p.ignore_eos and last in eos_ids):
+            self.finish_reason = {"type": "stop", "matched": last}
+            return
+        if self.stop_strs:
+            tail = decode(self.output_ids[-(self.max_stop_len + 1) :])
+            for s in self.stop_strs:
+                if s in tail:
+                    self.finish_reason = {"type": "stop", "matched": s}
+                    return

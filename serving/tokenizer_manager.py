@@ -1,0 +1,199 @@
+"""The tokenizer side of /generate: validate, tokenize, submit, detokenize, shape the response."""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from transformers import PreTrainedTokenizerBase
+
+from kiln.serving.engine_client import EngineClient
+from kiln.serving.messages import GenerateRequest
+from kiln.serving.protocol import GenerateReqInput
+from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.tokenizer import IncrementalDetokenizer, trim_stop
+
+
+class BadRequest(ValueError):
+    """Invalid input: answered with a 400 and this message."""
+
+
+@dataclass
+class SingleRequest:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+
+
+class TokenizerManager:
+    def __init__(self, engine: EngineClient, tokenizer: PreTrainedTokenizerBase, weight_version: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.weight_version = weight_version
+        self.context_len: int = engine.info["context_length"]
+        self.pool_size: int = engine.info["max_total_num_tokens"]
+        self.vocab_size = len(tokenizer)
+
+    # ---- turning a request body into single requests ----
+
+    def parse(self, obj: GenerateReqInput) -> tuple[list[SingleRequest], bool]:
+        """Returns the single requests and whether the input was a batch."""
+        if obj.text is None and obj.input_ids is None:
+            raise BadRequest("Either text, input_ids or input_embeds should be provided.")
+        if obj.text is not None and obj.input_ids is not None:
+            raise BadRequest("Either text or input_ids should be provided.")
+        if obj.return_logprob not in (False, None) and obj.return_logprob != []:
+            raise BadRequest("return_logprob is not supported by this server yet.")
+        if obj.text is not None:
+            is_batch = isinstance(obj.text, list)
+            texts = obj.text if is_batch else [obj.text]
+            if not texts:
+                raise BadRequest("text must not be an empty list.")
+            prompts = [self.tokenizer(t).input_ids for t in texts]
+        else:
+            is_batch, prompts = self._check_ids(obj.input_ids)
+        n_params = self._param_list(obj.sampling_params, len(prompts))
+        rids = self._rids(obj.rid, len(prompts), is_batch)
+        singles = []
+        for i, (ids, params) in enumerate(zip(prompts, n_params)):
+            self._check_length(ids, params)
+            copies = params.n
+            params = msgspec.structs.replace(params, n=1)
+            for j in range(copies):
+                rid = rids[i] if copies == 1 else f"{rids[i]}-{j}"
+                singles.append(SingleRequest(rid, ids, params))
+        return singles, is_batch or len(singles) > 1
+
+    def _check_ids(self, input_ids: list[Any]) -> tuple[bool, list[list[int]]]:
+        if not input_ids:
+            raise BadRequest("input_ids must not be empty.")
+        is_batch = isinstance(input_ids[0], list)
+        prompts = input_ids if is_batch else [input_ids]
+        for ids in prompts:
+            if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+                raise BadRequest("input_ids must be a list of token ids (integers) or a list of such lists.")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise BadRequest(f"input_ids holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size}).")
+        return is_batch, prompts
+
+    def _param_list(self, raw: Any, count: int) -> list[SamplingParams]:
+        raws = raw if isinstance(raw, list) else [raw or {}] * count
+        if len(raws) != count:
+            raise BadRequest(f"sampling_params has {len(raws)} entries for {count} inputs.")
+        out = []
+        for r in raws:
+            try:
+                params = msgspec.convert(r, SamplingParams)
+                params.validate(self.vocab_size)
+            except msgspec.ValidationError as exc:
+                raise BadRequest(f"Invalid sampling_params: {exc}") from exc
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+            if params.json_schema is not None or params.regex is not None or params.ebnf is not None:
+                raise BadRequest("Structured output (json_schema, regex, ebnf) is not supported by this server yet.")
+            out.append(params)
+        return out
+
+    def _rids(self, rid: Any, count: int, is_batch: bool) -> list[str]:
+        if rid is None:
+            return [uuid.uuid4().hex for _ in range(count)]
+        rids = rid if isinstance(rid, list) else [rid]
+        if len(rids) != count:
+            raise BadRequest(f"rid has {len(rids)} entries for {count} inputs.")
+        if len(set(rids)) != len(rids):
+            raise BadRequest("rid values must be unique.")
+        return rids
+
+    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise BadRequest("The input is empty: it tokenizes to no tokens.")
+        if len(ids) >= self.context_len:
+            raise BadRequest(f"The input ({len(ids)} tokens) is longer than the model's context length ({self.context_len} tokens).")
+        total = len(ids) + params.max_new_tokens
+        if total > self.context_len:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {self.context_len} tokens. "
+                f"You requested a total of {total} tokens: {len(ids)} tokens from the input messages and "
+                f"{params.max_new_tokens} tokens for the completion. Please reduce the number of tokens in the input "
+                "messages or the completion to fit within the limit."
+            )
+        if total > self.pool_size:
+            raise BadRequest(f"The request needs {total} KV cache tokens but the server holds only {self.pool_size} (--max-total-tokens).")
+
+    # ---- running them ----
+
+    async def stream_one(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
+        """Yields the response object after every engine output (cumulative text and ids)."""
+        start = time.monotonic()
+        p = req.params
+        detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
+        hold = max((len(s) for s in p.stop_strings), default=1) - 1
+        output_ids: list[int] = []
+        async for out in self.engine.generate(GenerateRequest(req.rid, req.input_ids, p)):
+            output_ids += out.new_ids
+            finish = out.finish_reason
+            new = out.new_ids
+            if finish is not None and isinstance(finish.get("matched"), int) and not p.no_stop_trim and new:
+                new = new[:-1]  # the matched stop token is not part of the text
+            detok.add(new, final=finish is not None)
+            text = detok.text if finish is not None else detok.text[: len(detok.text) - hold]
+            if finish is not None:
+                text = trim_stop(text, finish, p.no_stop_trim)
+            yield {
+                "text": text,
+                "output_ids": list(output_ids),
+                "meta_info": {
+                    "id": req.rid,
+                    "finish_reason": finish,
+                    "prompt_tokens": out.prompt_tokens or len(req.input_ids),
+                    "weight_version": self.weight_version,
+                    "total_retractions": 0,
+                    "completion_tokens": len(output_ids),
+                    "cached_tokens": out.cached_tokens,
+                    "cached_tokens_details": None,
+                    "e2e_latency": time.monotonic() - start,
+                    "response_sent_to_client_ts": time.time(),
+                },
+            }
+
+    async def run_one(self, req: SingleRequest) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        async for last in self.stream_one(req):
+            pass
+        return last
+
+    async def run_all(self, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self.run_one(r) for r in reqs)))
+
+    async def stream_all(self, reqs: list[SingleRequest], is_batch: bool) -> AsyncIterator[dict[str, Any]]:
+        """Interleaves the streams of several requests; batch chunks carry their `index`."""
+        if not is_batch:
+            async for chunk in self.stream_one(reqs[0]):
+                yield chunk
+            return
+        queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
+
+        async def pump(i: int, req: SingleRequest) -> None:
+            try:
+                async for chunk in self.stream_one(req):
+                    await queue.put((i, chunk))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, chunk = await queue.get()
+                if chunk is None:
+                    remaining -= 1
+                    continue
+                chunk["index"] = i
+                yield chunk
+        finally:
+            for t in tasks:
+                t.cancel()
