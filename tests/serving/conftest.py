@@ -1,0 +1,177 @@
+"""Fixtures for the HTTP tests: one real `kiln serve` on loopback for the whole session.
+
+The server runs the default model (SmolLM2-135M-Instruct) in float32 on a
+8192-token KV pool with at most 32 running requests; the tests talk to it over
+plain HTTP with httpx.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 120.0
+MAX_TOTAL_TOKENS = 8192
+MAX_RUNNING_REQUESTS = 32
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_text(path: Path, limit: int = 20000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<no server log: {exc}>"
+    return text[-limit:]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL; the server runs in its own session, so its engine child goes too."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group: also an engine process left behind
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def kiln_server(server_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Starts `kiln serve` on 127.0.0.1, waits for GET /health == 200, yields the base URL."""
+    exe = Path(sys.executable).with_name("kiln")
+    if not exe.exists():
+        pytest.fail(f"the kiln executable is not next to the interpreter: {exe} is missing")
+    cmd = [
+        str(exe), "serve",
+        "--host", "127.0.0.1",
+        "--port", str(server_port),
+        "--dtype", "float32",
+        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
+        "--max-running-requests", str(MAX_RUNNING_REQUESTS),
+    ]  # fmt: skip
+    log_path = tmp_path_factory.mktemp("kiln_server") / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    base_url = f"http://127.0.0.1:{server_port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"kiln serve exited with code {proc.returncode} during start-up; its log:\n{_log_text(log_path)}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"kiln serve did not answer GET /health with 200 in {START_TIMEOUT_S:.0f}s; its log:\n{_log_text(log_path)}")
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def client(kiln_server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=kiln_server, timeout=REQUEST_TIMEOUT_S) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def generate(client: httpx.Client) -> Callable[..., Any]:
+    """POSTs a /generate body, asserts 200, returns the decoded JSON."""
+
+    def _generate(body: dict[str, Any]) -> Any:
+        resp = client.post("/generate", json=body)
+        assert resp.status_code == 200, f"/generate {body!r} -> {resp.status_code}: {resp.text}"
+        return resp.json()
+
+    return _generate
+
+
+@pytest.fixture(scope="session")
+def solo_greedy(generate: Callable[..., Any]) -> Callable[[str, int], dict[str, Any]]:
+    """The greedy result of one prompt sent alone (nothing else in flight), cached per session.
+
+    ignore_eos keeps every output at exactly max_new_tokens tokens.
+    """
+    cache: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def _solo(prompt: str, max_new_tokens: int) -> dict[str, Any]:
+        key = (prompt, max_new_tokens)
+        if key not in cache:
+            params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+            cache[key] = generate({"text": prompt, "sampling_params": params})
+        return cache[key]
+
+    return _solo
+
+
+@pytest.fixture(scope="session")
+def tokenize(client: httpx.Client) -> Callable[[str], list[int]]:
+    def _tokenize(text: str) -> list[int]:
+        resp = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["tokens"]
+
+    return _tokenize
+
+
+@pytest.fixture(scope="session")
+def detokenize(client: httpx.Client) -> Callable[[list[int]], str]:
+    def _detokenize(ids: list[int]) -> str:
+        resp = client.post("/detokenize", json={"tokens": ids})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["text"]
+
+    return _detokenize
+
+
+@pytest.fixture(scope="session")
+def wait_idle(client: httpx.Client) -> Callable[[float], dict[str, Any]]:
+    """Polls /get_server_info until nothing runs or waits and every KV slot is free."""
+
+    def _wait(timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = client.get("/get_server_info").json()
+            idle = info["num_running_reqs"] == 0 and info.get("num_waiting_reqs", 0) == 0
+            if idle and info["free_slots"] == info["max_total_num_tokens"]:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server still busy after {timeout}s: {info}")
+            time.sleep(0.2)
+
+    return _wait

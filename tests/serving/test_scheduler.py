@@ -1,0 +1,58 @@
+"""Admission, reservation and release in the scheduler, without a model."""
+
+import torch
+
+from kiln.serving.kv_pool import KVPool
+from kiln.serving.request import Req
+from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.scheduler import Scheduler
+
+
+def setup(slots: int = 40, rows: int = 4) -> Scheduler:
+    pool = KVPool(slots, 1, 1, 4, torch.float32, torch.device("cpu"), rows, 64)
+    return Scheduler(pool, max_running_requests=rows, max_prefill_tokens=100, eos_ids={0}, context_len=64, decode=lambda ids: "")
+
+
+def req(rid: str, prompt: int, new: int, **kw) -> Req:
+    return Req(rid, list(range(1, prompt + 1)), SamplingParams(max_new_tokens=new, **kw), seed=0)
+
+
+def test_admission_reserves_future_decode_slots():
+    s = setup(slots=40)
+    s.add(req("a", 10, 10))  # may need 20 slots
+    s.add(req("b", 10, 10))  # 20 more: fits exactly
+    s.add(req("c", 1, 1))  # would exceed the reservation: waits
+    batch = s.schedule()
+    assert [r.rid for r in batch.reqs] == ["a", "b"]
+    assert batch.num_tokens == 20 and s.pool.free_slots == 20
+    assert [r.rid for r in s.waiting] == ["c"]
+
+
+def test_finish_and_abort_return_every_slot_and_row():
+    s = setup()
+    s.add(req("a", 3, 2))
+    s.add(req("b", 3, 5))
+    s.add(req("c", 3, 5))
+    s.add(req("w", 30, 5))  # waits for room
+    batch = s.schedule()
+    s.process(batch, [7] * len(batch.reqs))
+    batch = s.schedule()
+    done = s.process(batch, [7] * len(batch.reqs))
+    assert [r.rid for r in done] == ["a"] and done[0].finish_reason == {"type": "length", "length": 2}
+    aborted = s.abort("b")
+    assert [r.finish_reason["type"] for r in aborted] == ["abort"]
+    assert {r.rid for r in s.abort("")} == {"c", "w"}
+    assert not s.has_work
+    assert s.pool.free_slots == s.pool.size and s.pool.free_rows == 4
+
+
+def test_stop_token_and_eos_rules():
+    s = setup()
+    s.add(req("eos", 2, 5))
+    s.add(req("ignore", 2, 3, ignore_eos=True))
+    s.add(req("stopid", 2, 5, stop_token_ids=[9]))
+    batch = s.schedule()
+    done = s.process(batch, [0, 0, 9])
+    reasons = {r.rid: r.finish_reason for r in done}
+    assert reasons == {"eos": {"type": "stop", "matched": 0}, "stopid": {"type": "stop", "matched": 9}}
+    assert [r.rid for r in s.running] == ["ignore"]
