@@ -13,7 +13,8 @@ from litestar.response import Stream
 
 from kiln import __version__
 from kiln.serving.engine_client import EngineClient
-from kiln.serving.protocol import DetokenizeReqInput, GenerateReqInput, TokenizeReqInput
+from kiln.serving.openai_api import OpenAIServing
+from kiln.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeReqInput, GenerateReqInput, TokenizeReqInput
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer_manager import BadRequest, SingleRequest, TokenizerManager
@@ -80,8 +81,9 @@ async def unless_disconnected(request: Request, work: Any) -> Any:
 
 def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, model_info: dict[str, Any]) -> Litestar:
     served_name = args.served_model_name or model_info["model_path"]
+    oai = OpenAIServing(tm, served_name)
 
-    @route("/generate", http_method=["POST", "PUT"])
+    @route("/generate", http_method=["POST", "PUT"], status_code=200)
     async def generate(request: Request) -> Any:
         obj = await decode_body(request, GenerateReqInput)
         reqs, is_batch = tm.parse(obj)
@@ -125,14 +127,14 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
         load["num_tokens"] = info["max_total_num_tokens"] - info["free_slots"]
         return json_response([{"dp_rank": 0, **load}])
 
-    @route("/flush_cache", http_method=["GET", "POST"])
+    @route("/flush_cache", http_method=["GET", "POST"], status_code=200)
     async def flush_cache() -> Response:
         # Nothing is cached between requests yet; a flush is refused while work is in flight.
         info = await engine.refresh_info(timeout=5)
         busy = info["num_running_reqs"] or info["num_waiting_reqs"]
         return Response(content=FLUSH_MESSAGE, status_code=400 if busy else 200, media_type="text/plain")
 
-    @post("/abort_request")
+    @post("/abort_request", status_code=200)
     async def abort_request(request: Request) -> Response:
         body = msgspec.json.decode(await request.body() or b"{}")
         if body.get("abort_all"):
@@ -143,7 +145,7 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
             raise BadRequest("abort_request needs rid or abort_all.")
         return Response(content=b"", status_code=200)
 
-    @post("/tokenize")
+    @post("/tokenize", status_code=200)
     async def tokenize(request: Request) -> Response:
         obj = await decode_body(request, TokenizeReqInput)
         prompts = obj.prompt if isinstance(obj.prompt, list) else [obj.prompt]
@@ -152,7 +154,7 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
             return json_response({"tokens": toks, "count": [len(t) for t in toks], "max_model_len": tm.context_len})
         return json_response({"tokens": toks[0], "count": len(toks[0]), "max_model_len": tm.context_len})
 
-    @post("/detokenize")
+    @post("/detokenize", status_code=200)
     async def detokenize(request: Request) -> Response:
         obj = await decode_body(request, DetokenizeReqInput)
         is_batch = bool(obj.tokens) and isinstance(obj.tokens[0], list)
@@ -162,6 +164,22 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
                 raise BadRequest(f"tokens must be token ids in [0, {tm.vocab_size}), or a list of such lists.")
         texts = [tm.tokenizer.decode(s, skip_special_tokens=obj.skip_special_tokens) for s in seqs]
         return json_response({"text": texts if is_batch else texts[0]})
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request) -> Any:
+        obj = await decode_body(request, CompletionRequest)
+        reqs = oai.completion_requests(obj)
+        if obj.stream:
+            return sse(oai.stream(reqs, chat=False))
+        return json_response(await unless_disconnected(request, oai.completion(obj, reqs)))
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request) -> Any:
+        obj = await decode_body(request, ChatCompletionRequest)
+        reqs = oai.chat_requests(obj)
+        if obj.stream:
+            return sse(oai.stream(reqs, chat=True))
+        return json_response(await unless_disconnected(request, oai.chat(obj, reqs)))
 
     @get("/v1/models")
     async def models() -> Response:
@@ -188,7 +206,7 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
     return Litestar(
         route_handlers=[
             generate, health, health_generate, get_model_info, get_server_info, get_load,
-            flush_cache, abort_request, tokenize, detokenize, models,
+            flush_cache, abort_request, tokenize, detokenize, completions, chat_completions, models,
         ],  # fmt: skip
         exception_handlers={BadRequest: on_bad_request, HTTPException: on_http_error},
         on_startup=[start_reader],

@@ -59,7 +59,7 @@ class TokenizerManager:
         rids = self._rids(obj.rid, len(prompts), is_batch)
         singles = []
         for i, (ids, params) in enumerate(zip(prompts, n_params)):
-            self._check_length(ids, params)
+            self.check_length(ids, params)
             copies = params.n
             params = msgspec.structs.replace(params, n=1)
             for j in range(copies):
@@ -84,19 +84,19 @@ class TokenizerManager:
         raws = raw if isinstance(raw, list) else [raw or {}] * count
         if len(raws) != count:
             raise BadRequest(f"sampling_params has {len(raws)} entries for {count} inputs.")
-        out = []
-        for r in raws:
-            try:
-                params = msgspec.convert(r, SamplingParams)
-                params.validate(self.vocab_size)
-            except msgspec.ValidationError as exc:
-                raise BadRequest(f"Invalid sampling_params: {exc}") from exc
-            except ValueError as exc:
-                raise BadRequest(str(exc)) from exc
-            if params.json_schema is not None or params.regex is not None or params.ebnf is not None:
-                raise BadRequest("Structured output (json_schema, regex, ebnf) is not supported by this server yet.")
-            out.append(params)
-        return out
+        return [self.sampling_params(r) for r in raws]
+
+    def sampling_params(self, raw: Any) -> SamplingParams:
+        try:
+            params = msgspec.convert(raw, SamplingParams)
+            params.validate(self.vocab_size)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"Invalid sampling_params: {exc}") from exc
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        if params.json_schema is not None or params.regex is not None or params.ebnf is not None:
+            raise BadRequest("Structured output (json_schema, regex, ebnf) is not supported by this server yet.")
+        return params
 
     def _rids(self, rid: Any, count: int, is_batch: bool) -> list[str]:
         if rid is None:
@@ -108,7 +108,7 @@ class TokenizerManager:
             raise BadRequest("rid values must be unique.")
         return rids
 
-    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
+    def check_length(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise BadRequest("The input is empty: it tokenizes to no tokens.")
         if len(ids) >= self.context_len:
