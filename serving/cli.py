@@ -1,6 +1,7 @@
 """The `kiln` command: `kiln serve` starts the engine process, then the HTTP server."""
 
 import argparse
+import json
 import logging
 import sys
 
@@ -26,15 +27,34 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def warm(argv: list[str]) -> int:
+    """Compiles every bucket into the persistent cache, then exits."""
+    args = ServerArgs.parser("kiln warm").parse_args(argv)
+    args = ServerArgs(**vars(args))
+    if args.disable_compile:
+        log.error("kiln warm compiles; drop --disable-compile")
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    from kiln.serving.engine_core import EngineCore
+
+    core = EngineCore(args)
+    print(json.dumps(core.compiled.counters(), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: serve language models over SGLang's HTTP API")
-    parser.add_argument("command", choices=["serve"], help="serve: start the HTTP server (kiln serve --help)")
+    parser.add_argument(
+        "command",
+        choices=["serve", "warm"],
+        help="serve: start the HTTP server; warm: fill the compile cache and exit (kiln <command> --help)",
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
     ns, rest = parser.parse_known_args(argv[:1])
-    return {"serve": serve}[ns.command](argv[1:])
+    return {"serve": serve, "warm": warm}[ns.command](argv[1:])
 
 
 if __name__ == "__main__":

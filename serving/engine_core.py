@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from kiln.compiler.cache import cache_key, use_cache_dir
+from kiln.compiler.compiled_model import CompiledModel
+from kiln.compiler.profile import Profile
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.serving.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest, TokenOutput
@@ -76,8 +79,19 @@ class EngineCore:
             self.pool, self.max_running, args.max_prefill_tokens, self.eos_ids, self.context_len,
             lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
         )  # fmt: skip
-        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.compiled = None if args.disable_compile else self._compile()
+        self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
+
+    def _compile(self) -> CompiledModel:
+        profile = Profile.for_device(self.device.type, self.args.profile).narrowed(self.args.cuda_graph_max_bs)
+        key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
+        cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile" / key)
+        use_cache_dir(cache)
+        log.info("compiling %d buckets (cache %s)", len(profile.decode_batch_sizes) + len(profile.prefill_token_counts), cache)
+        compiled = CompiledModel(self.model, profile)
+        compiled.warm_up((self.pool.k, self.pool.v), self.pool.req_to_token)
+        return compiled
 
     def info(self) -> dict[str, Any]:
         """The figures /get_server_info and the tokenizer side need."""
@@ -94,6 +108,7 @@ class EngineCore:
             "num_running_reqs": len(self.scheduler.running),
             "num_waiting_reqs": len(self.scheduler.waiting),
             "free_slots": self.pool.free_slots,
+            "compile": self.compiled.counters() if self.compiled else {"enabled": False},
         }
 
     def add(self, msg: GenerateRequest) -> list[TokenOutput]:

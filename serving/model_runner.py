@@ -1,5 +1,7 @@
 """Turns a scheduled batch into tensors, runs the model, returns last-token logits."""
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -9,7 +11,10 @@ from kiln.serving.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, pool: KVPool, device: torch.device):
+    """`forward` is the model's forward, or the compiled one; `model` computes logits."""
+
+    def __init__(self, forward: Callable[..., Tensor], model: nn.Module, pool: KVPool, device: torch.device):
+        self.forward_fn = forward
         self.model = model
         self.pool = pool
         self.device = device
@@ -33,7 +38,7 @@ class ModelRunner:
             seq_lens=torch.tensor(lens, dtype=torch.int64, device=dev),
             extend_lens=torch.tensor(ext, dtype=torch.int64, device=dev),
         )
-        hidden = self.model(
+        hidden = self.forward_fn(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
             (self.pool.k, self.pool.v),

@@ -34,6 +34,10 @@ class ServerArgs:
     cache_dir: str = _opt(str(Path.home() / ".cache" / "kiln"), "where converted GGUF checkpoints are kept")
     weight_version: str = _opt("default", "reported in meta_info.weight_version")
     skip_server_warmup: bool = _opt(False, "do not send one request through the model before reporting ready")
+    disable_compile: bool = _opt(False, "run the model eagerly instead of compiling one graph per shape bucket")
+    profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
+    compile_cache_dir: str | None = _opt(None, "persistent compile cache (default: <cache-dir>/compile/<key>)")
+    cuda_graph_max_bs: int | None = _opt(None, "largest decode batch bucket to compile (narrows the profile)")
 
     @classmethod
     def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def core():
-    return EngineCore(ServerArgs(dtype="float32", max_total_tokens=4096, max_running_requests=8))
+    return EngineCore(ServerArgs(dtype="float32", max_total_tokens=4096, max_running_requests=8, disable_compile=True))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""Bucket sets and Inductor settings, read from a TOML profile (profiles/<device>.toml)."""
+
+import bisect
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass(frozen=True)
+class Profile:
+    decode_batch_sizes: tuple[int, ...]
+    prefill_token_counts: tuple[int, ...]
+    chunked_prefill_size: int
+    inductor: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the file's text, part of the compile-cache key
+
+    @classmethod
+    def load(cls, path: Path) -> "Profile":
+        text = path.read_text()
+        data = tomllib.loads(text)
+        b = data["buckets"]
+        decode, prefill = sorted(b["decode_batch_sizes"]), sorted(b["prefill_token_counts"])
+        if min(decode + prefill) < 2:
+            raise ValueError(f"{path}: bucket sizes must be at least 2 (Dynamo specialises sizes 0 and 1)")
+        return cls(tuple(decode), tuple(prefill), int(b["chunked_prefill_size"]), dict(data.get("inductor", {})), text)
+
+    @classmethod
+    def for_device(cls, device_type: str, override: str | None = None) -> "Profile":
+        return cls.load(Path(override) if override else PROFILES / f"{device_type}.toml")
+
+    def narrowed(self, max_decode_batch: int | None) -> "Profile":
+        if not max_decode_batch:
+            return self
+        kept = tuple(s for s in self.decode_batch_sizes if s <= max_decode_batch) or self.decode_batch_sizes[:1]
+        return Profile(kept, self.prefill_token_counts, self.chunked_prefill_size, self.inductor, self.source + f"\n#max_bs={max_decode_batch}")
+
+
+def pick(sizes: tuple[int, ...], n: int) -> int | None:
+    """The smallest bucket holding n, or None when n is above them all."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
