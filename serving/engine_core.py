@@ -127,6 +127,7 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
         batch = self.scheduler.schedule()
         if batch is None:

@@ -14,7 +14,7 @@ from litestar.response import Stream
 from kiln import __version__
 from kiln.serving.engine_client import EngineClient
 from kiln.serving.openai_api import OpenAIServing
-from kiln.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeReqInput, GenerateReqInput, TokenizeReqInput
+from kiln.serving.protocol import AbortReqInput, ChatCompletionRequest, CompletionRequest, DetokenizeReqInput, GenerateReqInput, TokenizeReqInput
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer_manager import BadRequest, SingleRequest, TokenizerManager
@@ -59,7 +59,8 @@ def sse(chunks: AsyncIterator[dict[str, Any]]) -> Stream:
             yield b"data: " + msgspec.json.encode({"error": {"message": str(exc)}}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    return Stream(events(), media_type="text/event-stream")
+    # The header, not media_type: Litestar lets the handler's JSON default override media_type.
+    return Stream(events(), status_code=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
 
 async def until_disconnect(request: Request) -> None:
@@ -136,11 +137,11 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
 
     @post("/abort_request", status_code=200)
     async def abort_request(request: Request) -> Response:
-        body = msgspec.json.decode(await request.body() or b"{}")
-        if body.get("abort_all"):
+        body = await decode_body(request, AbortReqInput)
+        if body.abort_all:
             engine.abort("")
-        elif body.get("rid"):
-            engine.abort(str(body["rid"]))
+        elif body.rid:
+            engine.abort(body.rid)
         else:
             raise BadRequest("abort_request needs rid or abort_all.")
         return Response(content=b"", status_code=200)

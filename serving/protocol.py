@@ -19,6 +19,11 @@ class GenerateReqInput(msgspec.Struct):
     model: str | None = None
 
 
+class AbortReqInput(msgspec.Struct):
+    rid: str | None = None
+    abort_all: bool = False
+
+
 class TokenizeReqInput(msgspec.Struct, forbid_unknown_fields=True):
     prompt: str | list[str]
     add_special_tokens: bool = True

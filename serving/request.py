@@ -17,6 +17,7 @@ class Req:
         self.output_ids: list[int] = []
         self.row = -1  # row of the request-to-slots table, -1 while waiting
         self.kv_len = 0  # tokens whose K/V are in the pool
+        self.alloc_len = 0  # slots the row holds: kv_len plus the step in flight
         self.cached_tokens = 0
         self.finish_reason: dict[str, Any] | None = None
         self.sent = 0  # output ids already reported to the client

@@ -74,6 +74,7 @@ class Scheduler:
         for req in reqs:
             ids = req.next_extend()
             self.pool.alloc_slots(req.row, req.kv_len, len(ids))
+            req.alloc_len = req.kv_len + len(ids)
             extends.append(ids)
         return ScheduledBatch(reqs, extends)
 
@@ -105,6 +106,6 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         self.running.remove(req)
-        self.pool.free_slots_of(req.row, req.kv_len)
+        self.pool.free_slots_of(req.row, req.alloc_len)
         self.pool.free_row(req.row)
         req.row = -1

@@ -56,3 +56,11 @@ def test_stop_token_and_eos_rules():
     reasons = {r.rid: r.finish_reason for r in done}
     assert reasons == {"eos": {"type": "stop", "matched": 0}, "stopid": {"type": "stop", "matched": 9}}
     assert [r.rid for r in s.running] == ["ignore"]
+
+
+def test_abort_after_a_failed_step_frees_the_step_slots_too():
+    s = setup()
+    s.add(req("a", 7, 3))
+    s.schedule()  # slots for the prompt are taken; the forward then fails, process() never runs
+    s.abort("")
+    assert s.pool.free_slots == s.pool.size
