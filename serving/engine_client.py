@@ -13,6 +13,8 @@ from kiln.serving.engine_process import run_engine
 from kiln.serving.messages import (
     AbortRequest,
     EngineError,
+    FlushCache,
+    FlushReply,
     FromEngine,
     GenerateRequest,
     InfoReply,
@@ -48,6 +50,7 @@ class EngineClient:
         self.info: dict[str, Any] = first.info
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
         self._info_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._flush_waiters: list[asyncio.Future[bool]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
 
@@ -87,6 +90,11 @@ class EngineClient:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(msg.info)
+        elif isinstance(msg, FlushReply):
+            waiters, self._flush_waiters = self._flush_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(msg.success)
         elif isinstance(msg, EngineError):
             log.error("engine: %s", msg.message)
 
@@ -126,6 +134,13 @@ class EngineClient:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._info_waiters.append(fut)
         self._send(InfoRequest())
+        return await asyncio.wait_for(fut, timeout)
+
+    async def flush_cache(self, timeout: float = 10.0) -> bool:
+        """Empties the radix cache; False (and nothing flushed) while requests run or wait."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(fut)
+        self._send(FlushCache())
         return await asyncio.wait_for(fut, timeout)
 
     def shutdown(self) -> None:

@@ -15,6 +15,7 @@ from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.serving.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest, TokenOutput
 from kiln.serving.model_runner import ModelRunner
+from kiln.serving.radix_cache import RadixCache
 from kiln.serving.request import Req
 from kiln.serving.sampler import apply_penalties, sample
 from kiln.serving.scheduler import Scheduler
@@ -75,16 +76,18 @@ class EngineCore:
         self.eos_ids = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
+        chunk = args.chunked_prefill_size or profile.chunked_prefill_size
         self.scheduler = Scheduler(
-            self.pool, self.max_running, args.max_prefill_tokens, self.eos_ids, self.context_len,
+            self.pool, None if args.disable_radix_cache else RadixCache(), self.max_running, chunk,
+            args.schedule_policy, min(1.0, 0.5 * args.schedule_conservativeness), self.eos_ids, self.context_len,
             lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
         )  # fmt: skip
-        self.compiled = None if args.disable_compile else self._compile()
+        self.compiled = None if args.disable_compile else self._compile(profile)
         self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
 
-    def _compile(self) -> CompiledModel:
-        profile = Profile.for_device(self.device.type, self.args.profile).narrowed(self.args.cuda_graph_max_bs)
+    def _compile(self, profile: Profile) -> CompiledModel:
         key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
         cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile" / key)
         use_cache_dir(cache)
@@ -108,6 +111,10 @@ class EngineCore:
             "num_running_reqs": len(self.scheduler.running),
             "num_waiting_reqs": len(self.scheduler.waiting),
             "free_slots": self.pool.free_slots,
+            "available_slots": self.scheduler.available(),
+            "cached_tokens_in_tree": self.scheduler.cache.total_size() if self.scheduler.cache else 0,
+            "total_retractions": self.scheduler.total_retractions,
+            "chunked_prefill_size": self.scheduler.chunk_size,
             "compile": self.compiled.counters() if self.compiled else {"enabled": False},
         }
 
@@ -119,6 +126,9 @@ class EngineCore:
             return [self._output(req)]
         self.scheduler.add(req)
         return []
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.flush_cache()
 
     def abort(self, rid: str) -> list[TokenOutput]:
         return [self._output(r) for r in self.scheduler.abort(rid)]
@@ -133,13 +143,19 @@ class EngineCore:
         if batch is None:
             return []
         logits = self.runner.forward(batch)
-        apply_penalties(logits, batch.reqs, self.eos_ids)
-        next_ids = sample(logits, batch.reqs)
+        # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
+        ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == len(r.all_ids)]
+        next_ids = [-1] * len(batch.reqs)
+        if ready:
+            rows, reqs = logits[ready], [batch.reqs[i] for i in ready]
+            apply_penalties(rows, reqs, self.eos_ids)
+            for i, tok in zip(ready, sample(rows, reqs)):
+                next_ids[i] = tok
         self.scheduler.process(batch, next_ids)
-        return [self._output(r) for r in batch.reqs]
+        return [self._output(r) for r in batch.reqs if r.kv_len == len(r.all_ids) - 1 or r.finished]
 
     @staticmethod
     def _output(req: Req) -> TokenOutput:
         new = req.output_ids[req.sent :]
         req.sent = len(req.output_ids)
-        return TokenOutput(req.rid, new, len(req.input_ids), req.cached_tokens, req.finish_reason)
+        return TokenOutput(req.rid, new, len(req.input_ids), req.cached_tokens, req.finish_reason, req.retractions)

@@ -10,6 +10,8 @@ from kiln.serving.engine_core import EngineCore
 from kiln.serving.messages import (
     AbortRequest,
     EngineError,
+    FlushCache,
+    FlushReply,
     GenerateRequest,
     InfoReply,
     InfoRequest,
@@ -48,6 +50,8 @@ def run_engine(args: ServerArgs, conn: Connection) -> None:
                     outputs += core.abort(msg.rid)
                 elif isinstance(msg, InfoRequest):
                     send(InfoReply(core.info()))
+                elif isinstance(msg, FlushCache):
+                    send(FlushReply(core.flush_cache()))
                 elif isinstance(msg, Shutdown):
                     return
             if core.has_work:

@@ -130,10 +130,8 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
 
     @route("/flush_cache", http_method=["GET", "POST"], status_code=200)
     async def flush_cache() -> Response:
-        # Nothing is cached between requests yet; a flush is refused while work is in flight.
-        info = await engine.refresh_info(timeout=5)
-        busy = info["num_running_reqs"] or info["num_waiting_reqs"]
-        return Response(content=FLUSH_MESSAGE, status_code=400 if busy else 200, media_type="text/plain")
+        flushed = await engine.flush_cache()
+        return Response(content=FLUSH_MESSAGE, status_code=200 if flushed else 400, media_type="text/plain")
 
     @post("/abort_request", status_code=200)
     async def abort_request(request: Request) -> Response:

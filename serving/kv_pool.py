@@ -66,7 +66,12 @@ class KVPool:
         self.req_to_token[row, start : start + n] = slots.to(self.req_to_token.device, torch.int32)
         return slots
 
-    def free_slots_of(self, row: int, length: int) -> None:
-        """Returns the first `length` slots of a row to the free list."""
-        slots = self.req_to_token[row, :length].to("cpu", torch.int64)
-        self._free_slots = torch.cat([self._free_slots, slots])
+    def slots_of(self, row: int, start: int, end: int) -> Tensor:
+        return self.req_to_token[row, start:end].to("cpu", torch.int64)
+
+    def set_slots(self, row: int, start: int, slots: Tensor) -> None:
+        self.req_to_token[row, start : start + len(slots)] = slots.to(self.req_to_token.device, torch.int32)
+
+    def free(self, slots: Tensor) -> None:
+        if len(slots):
+            self._free_slots = torch.cat([self._free_slots, slots.to("cpu", torch.int64)])

@@ -25,12 +25,21 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class FlushCache(msgspec.Struct, tag=True):
+    pass
+
+
+class FlushReply(msgspec.Struct, tag=True):
+    success: bool
+
+
 class TokenOutput(msgspec.Struct):
     rid: str
     new_ids: list[int]
     prompt_tokens: int
     cached_tokens: int
     finish_reason: dict[str, Any] | None = None
+    retractions: int = 0
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -45,5 +54,5 @@ class EngineError(msgspec.Struct, tag=True):
     message: str
 
 
-ToEngine = GenerateRequest | AbortRequest | InfoRequest | Shutdown
-FromEngine = StepOutput | InfoReply | EngineError
+ToEngine = GenerateRequest | AbortRequest | InfoRequest | FlushCache | Shutdown
+FromEngine = StepOutput | InfoReply | FlushReply | EngineError

@@ -18,7 +18,11 @@ class Req:
         self.row = -1  # row of the request-to-slots table, -1 while waiting
         self.kv_len = 0  # tokens whose K/V are in the pool
         self.alloc_len = 0  # slots the row holds: kv_len plus the step in flight
-        self.cached_tokens = 0
+        self.cached_tokens = 0  # prompt tokens found in the radix cache at first admission
+        self.prefix_len = 0  # leading slots of the row that belong to the radix cache (locked)
+        self.prefix_node = None  # the radix node locked for those slots
+        self.retractions = 0
+        self.admitted = False
         self.finish_reason: dict[str, Any] | None = None
         self.sent = 0  # output ids already reported to the client
         self.arrival = time.monotonic()
@@ -42,6 +46,11 @@ class Req:
     def remaining_tokens(self) -> int:
         """Upper bound on slots this request may still take."""
         return len(self.input_ids) + self.params.max_new_tokens - self.kv_len
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether K/V are still missing for more than the newest token (a prompt, or a recompute)."""
+        return len(self.all_ids) - self.kv_len > 1
 
     def check_finished(self, eos_ids: set[int], context_len: int, decode: Callable[[list[int]], str]) -> None:
         """Applies SGLang's order: length, then stop tokens, then stop strings."""

@@ -151,7 +151,7 @@ class TokenizerManager:
                     "finish_reason": finish,
                     "prompt_tokens": out.prompt_tokens or len(req.input_ids),
                     "weight_version": self.weight_version,
-                    "total_retractions": 0,
+                    "total_retractions": out.retractions,
                     "completion_tokens": len(output_ids),
                     "cached_tokens": out.cached_tokens,
                     "cached_tokens_details": None,

@@ -165,21 +165,21 @@ def detokenize(client: httpx.Client) -> Callable[[list[int]], str]:
 
 @pytest.fixture(scope="session")
 def wait_idle(client: httpx.Client) -> Callable[..., dict[str, Any]]:
-    """Polls /get_server_info until nothing runs or waits, and (if given) `free_slots` KV slots are free.
+    """Polls /get_server_info until nothing runs or waits, and (if given) `available_slots` KV slots are free or held only by the radix cache.
 
     Returns the last server info. Tests pass the free-slot count they saw before
     their requests, so each checks that its own requests gave every slot back.
     """
 
-    def _wait(timeout: float = 30.0, free_slots: int | None = None) -> dict[str, Any]:
+    def _wait(timeout: float = 30.0, available_slots: int | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             info = client.get("/get_server_info").json()
             idle = info["num_running_reqs"] == 0 and info.get("num_waiting_reqs", 0) == 0
-            if idle and (free_slots is None or info["free_slots"] == free_slots):
+            if idle and (available_slots is None or info["available_slots"] == available_slots):
                 return info
             if time.monotonic() > deadline:
-                want = "" if free_slots is None else f" with {free_slots} free slots"
+                want = "" if available_slots is None else f" with {available_slots} slots free or evictable"
                 raise AssertionError(f"server not idle{want} after {timeout}s: {info}")
             time.sleep(0.2)
 

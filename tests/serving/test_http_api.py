@@ -303,4 +303,4 @@ def test_32_concurrent_requests_match_solo(kiln_server, solo_greedy, wait_idle):
         assert r["meta_info"]["finish_reason"] == {"type": "length", "length": GREEDY_TOKENS}
         assert r["output_ids"] == ref["output_ids"], prompt
         assert r["text"] == ref["text"], prompt
-    wait_idle(free_slots=before["free_slots"])
+    wait_idle(available_slots=before["available_slots"])

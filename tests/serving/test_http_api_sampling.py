@@ -24,7 +24,7 @@ def test_valid_penalties_run_and_free_their_slots(generate, wait_idle, extra):
     res = generate({"text": PROMPT, "sampling_params": params})
     assert res["meta_info"]["finish_reason"] == {"type": "length", "length": 4}, res["meta_info"]["finish_reason"]
     assert len(res["output_ids"]) == 4
-    wait_idle(timeout=10, free_slots=before["free_slots"])
+    wait_idle(timeout=10, available_slots=before["available_slots"])
 
 
 def test_request_gives_back_its_slots_whatever_its_outcome(generate, wait_idle):
@@ -32,7 +32,7 @@ def test_request_gives_back_its_slots_whatever_its_outcome(generate, wait_idle):
     before = wait_idle()
     params = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True, "repetition_penalty": 1.1}
     generate({"text": "What is the capital of France?", "sampling_params": params})
-    wait_idle(timeout=10, free_slots=before["free_slots"])
+    wait_idle(timeout=10, available_slots=before["available_slots"])
 
 
 def test_logit_bias_forces_a_token(generate, tokenize):
@@ -82,7 +82,7 @@ def test_penalized_request_does_not_disturb_a_greedy_one(client, generate, wait_
     reasons = [e["meta_info"]["finish_reason"] for e in events]
     assert reasons == [None, None, None], reasons  # still decoding after the penalized request
     assert penalized["meta_info"]["finish_reason"]["type"] in ("length", "stop"), penalized["meta_info"]
-    wait_idle(free_slots=before["free_slots"])
+    wait_idle(available_slots=before["available_slots"])
 
 
 def test_sampling_seed_reproducible(generate):

@@ -114,7 +114,7 @@ def test_stream_disconnect_frees_slots(client, wait_idle):
         assert info["num_running_reqs"] == 1
         assert info["free_slots"] < before["free_slots"]
         resp.close()  # the client goes away mid-stream
-    after = wait_idle(timeout=30, free_slots=before["free_slots"])  # the request is gone, its slots all free
+    after = wait_idle(timeout=30, available_slots=before["available_slots"])  # the request is gone, its slots all free
     assert after["num_running_reqs"] == 0
 
 
@@ -140,7 +140,7 @@ def test_non_stream_disconnect_frees_slots(kiln_server, client, wait_idle):
     thread.join(timeout=60)
     assert seen_running, "the request never showed up as running"
     assert len(outcome) == 1 and isinstance(outcome[0], httpx.ReadTimeout), outcome  # it gave up and hung up
-    wait_idle(timeout=30, free_slots=before["free_slots"])
+    wait_idle(timeout=30, available_slots=before["available_slots"])
 
 
 def test_abort_request_by_rid(client, wait_idle):
@@ -158,7 +158,7 @@ def test_abort_request_by_rid(client, wait_idle):
     assert last["meta_info"]["id"] == "abort-me"
     assert last["meta_info"]["completion_tokens"] < 2000
     assert time.monotonic() - start < 120
-    wait_idle(free_slots=before["free_slots"])
+    wait_idle(available_slots=before["available_slots"])
 
 
 def test_flush_cache_refused_while_running(client, wait_idle):
@@ -169,5 +169,5 @@ def test_flush_cache_refused_while_running(client, wait_idle):
         assert resp.text.startswith("Cache flushed.")
         client.post("/abort_request", json={"rid": "busy-flush"})
         list(lines)
-    wait_idle(free_slots=before["free_slots"])
+    wait_idle(available_slots=before["available_slots"])
     assert client.post("/flush_cache").status_code == 200

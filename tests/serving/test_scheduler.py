@@ -10,7 +10,7 @@ from kiln.serving.scheduler import Scheduler
 
 def setup(slots: int = 40, rows: int = 4) -> Scheduler:
     pool = KVPool(slots, 1, 1, 4, torch.float32, torch.device("cpu"), rows, 64)
-    return Scheduler(pool, max_running_requests=rows, max_prefill_tokens=100, eos_ids={0}, context_len=64, decode=lambda ids: "")
+    return Scheduler(pool, None, rows, chunk_size=100, policy="fcfs", new_token_ratio=1.0, eos_ids={0}, context_len=64, decode=lambda ids: "")
 
 
 def req(rid: str, prompt: int, new: int, **kw) -> Req:
@@ -64,3 +64,58 @@ def test_abort_after_a_failed_step_frees_the_step_slots_too():
     s.schedule()  # slots for the prompt are taken; the forward then fails, process() never runs
     s.abort("")
     assert s.pool.free_slots == s.pool.size
+
+
+def with_cache(slots: int = 64, rows: int = 4, chunk: int = 100, ratio: float = 1.0) -> Scheduler:
+    from kiln.serving.radix_cache import RadixCache
+
+    pool = KVPool(slots, 1, 1, 4, torch.float32, torch.device("cpu"), rows, 64)
+    return Scheduler(pool, RadixCache(), rows, chunk, "fcfs", ratio, eos_ids={0}, context_len=64, decode=lambda ids: "")
+
+
+def run_to_end(s: Scheduler) -> None:
+    while s.has_work:
+        batch = s.schedule()
+        s.process(batch, [7] * len(batch.reqs))
+
+
+def test_a_shared_prefix_is_reused_and_reported():
+    s = with_cache()
+    s.add(req("a", 10, 2))
+    run_to_end(s)
+    b = Req("b", list(range(1, 11)) + [50, 51], SamplingParams(max_new_tokens=2), seed=0)
+    s.add(b)
+    batch = s.schedule()
+    assert b.cached_tokens == 10 and batch.extends == [[50, 51]]
+    s.process(batch, [7])
+    run_to_end(s)
+    assert s.available() == s.pool.size and s.cache.protected_size() == 0
+
+
+def test_chunked_prefill_splits_a_long_prompt_and_keeps_decoding_others():
+    s = with_cache(chunk=8)
+    s.add(req("short", 2, 6))
+    s.process(s.schedule(), [7])  # "short" now decodes
+    s.add(req("long", 20, 2))
+    sizes = []
+    while any(r.rid == "long" and not r.output_ids for r in s.running + list(s.waiting)):
+        batch = s.schedule()
+        assert batch.num_tokens <= 8
+        sizes.append({r.rid: len(e) for r, e in zip(batch.reqs, batch.extends)})
+        s.process(batch, [7] * len(batch.reqs))
+    assert [x["long"] for x in sizes] == [7, 7, 6]  # 8-token budget minus the decode of "short"
+    assert all(x.get("short") == 1 for x in sizes[:3] if "short" in x)
+    run_to_end(s)
+    assert s.available() == s.pool.size
+
+
+def test_decode_retracts_the_newest_request_when_the_pool_runs_short():
+    s = with_cache(slots=24, rows=3, ratio=0.0)  # admission reserves no output: decode must retract
+    for name in "abc":
+        s.add(req(name, 6, 6))
+    finished = []
+    while s.has_work:
+        batch = s.schedule()
+        finished += [r.rid for r in s.process(batch, [7] * len(batch.reqs))]
+    assert sorted(finished) == ["a", "b", "c"] and s.total_retractions > 0
+    assert s.available() == s.pool.size
