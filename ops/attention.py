@@ -105,9 +105,11 @@ def attend_torch(
         vals = vc[slots].transpose(0, 1)
         qs = q[starts[i] : starts[i] + n].transpose(0, 1)  # [H, n, D]
         mask = None
-        if causal:
+        if causal and n < length:
             qpos = torch.arange(length - n, length, device=q.device)
             mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]
-        o = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
+        # Without a cached prefix the mask is plain causal, which SDPA's fused kernels take as a flag.
+        is_causal = causal and n == length
+        o = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, vals, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
         out[starts[i] : starts[i] + n] = o.transpose(0, 1).to(out.dtype)
     return out
