@@ -164,21 +164,20 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
         texts = [tm.tokenizer.decode(s, skip_special_tokens=obj.skip_special_tokens) for s in seqs]
         return json_response({"text": texts if is_batch else texts[0]})
 
+    async def openai_call(request: Request, schema: type, build: Any, run: Any, chat: bool) -> Any:
+        obj = await decode_body(request, schema)
+        reqs = build(obj)
+        if obj.stream:
+            return sse(oai.stream(reqs, chat=chat))
+        return json_response(await unless_disconnected(request, run(obj, reqs)))
+
     @post("/v1/completions", status_code=200)
     async def completions(request: Request) -> Any:
-        obj = await decode_body(request, CompletionRequest)
-        reqs = oai.completion_requests(obj)
-        if obj.stream:
-            return sse(oai.stream(reqs, chat=False))
-        return json_response(await unless_disconnected(request, oai.completion(obj, reqs)))
+        return await openai_call(request, CompletionRequest, oai.completion_requests, oai.completion, chat=False)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request) -> Any:
-        obj = await decode_body(request, ChatCompletionRequest)
-        reqs = oai.chat_requests(obj)
-        if obj.stream:
-            return sse(oai.stream(reqs, chat=True))
-        return json_response(await unless_disconnected(request, oai.chat(obj, reqs)))
+        return await openai_call(request, ChatCompletionRequest, oai.chat_requests, oai.chat, chat=True)
 
     @get("/v1/models")
     async def models() -> Response:

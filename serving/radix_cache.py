@@ -135,7 +135,8 @@ class RadixCache:
         carries the same lock count, since every lock through child passes it.
         """
         parent = child.parent
-        assert parent is not None and 0 < k < len(child.key)
+        if parent is None or not 0 < k < len(child.key):
+            raise RuntimeError(f"cannot split a detached node or at {k} of {len(child.key)}")
         upper = RadixNode(child.key[:k], child.slots[:k], parent, child.last_access)
         upper.lock_ref = child.lock_ref
         upper.children[child.key[k]] = child
@@ -195,7 +196,8 @@ class RadixCache:
         while freed < num_tokens and heap:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
-            assert parent is not None
+            if parent is None:
+                raise RuntimeError("an evictable node lost its parent")
             free_fn(node.slots)
             del parent.children[node.key[0]]
             node.parent = None  # a stale handle now fails loudly in inc_lock/dec_lock
