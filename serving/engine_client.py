@@ -51,6 +51,7 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
         self._info_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._flush_waiters: list[asyncio.Future[bool]] = []
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
 
@@ -99,6 +100,8 @@ class EngineClient:
             log.error("engine: %s", msg.message)
 
     def _engine_died(self) -> None:
+        if self._closing:
+            return
         log.error("the engine process exited; failing %d requests", len(self._queues))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, [], 0, 0, {"type": "abort", "message": "engine process exited"}))
@@ -144,6 +147,7 @@ class EngineClient:
         return await asyncio.wait_for(fut, timeout)
 
     def shutdown(self) -> None:
+        self._closing = True
         if self.alive:
             try:
                 self._send(Shutdown())
