@@ -73,7 +73,12 @@ def attend_torch(
 
     Single-token requests are batched into one padded SDPA call (the decode
     case); longer extends run one SDPA call each with an offset causal mask.
+    A batch of single-token requests only takes a path free of per-request
+    Python work, since it runs for every layer of every decode step.
     """
+    max_ext, num_tokens, max_len = torch.stack([extend_lens.max(), extend_lens.sum(), seq_lens.max()]).tolist()
+    if max_ext == 1 and causal:
+        return _decode(q, kc, vc, req_to_token, req_indices, seq_lens, num_tokens, max_len, scale)
     out = torch.zeros_like(q)
     ext = extend_lens.tolist()
     lens = seq_lens.tolist()
@@ -113,3 +118,26 @@ def attend_torch(
         o = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, vals, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
         out[starts[i] : starts[i] + n] = o.transpose(0, 1).to(out.dtype)
     return out
+
+
+def _decode(
+    q: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    req_to_token: Tensor,
+    req_indices: Tensor,
+    seq_lens: Tensor,
+    num_tokens: int,
+    max_len: int,
+    scale: float,
+) -> Tensor:
+    """Every request has at most one new token; those with one come first, padding requests last."""
+    slots = req_to_token[req_indices[:num_tokens], :max_len].long()  # [B, W]
+    keys = kc[slots].transpose(1, 2)  # [B, KVH, W, D]
+    vals = vc[slots].transpose(1, 2)
+    mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:num_tokens, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q[:num_tokens, :, None].to(keys.dtype), keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
+    o = o.squeeze(2).to(q.dtype)
+    if num_tokens == q.shape[0]:
+        return o
+    return torch.cat([o, q.new_zeros((q.shape[0] - num_tokens, *q.shape[1:]))])

@@ -1,7 +1,7 @@
 """kiln::attention against a dense per-request reference, on ragged mixed batches."""
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.ops.attention import attention
@@ -20,14 +20,18 @@ def reference(q_new, k_all, v_all, n_new, scale):
 
 
 @settings(max_examples=25, deadline=None)
+@example(reqs=[(3, 1), (0, 1), (5, 1)], pad=2, pad_reqs=2, group=3, head_dim=8)  # a padded decode bucket
+@example(reqs=[(3, 1), (6, 1)], pad=0, pad_reqs=0, group=1, head_dim=16)  # plain decode
 @given(
     reqs=st.lists(st.tuples(st.integers(0, 12), st.integers(1, 9)), min_size=1, max_size=5),
     pad=st.integers(0, 3),
+    pad_reqs=st.integers(0, 2),
     group=st.sampled_from([1, 3]),
     head_dim=st.sampled_from([8, 16]),
 )
-def test_matches_dense_reference(reqs, pad, group, head_dim):
-    """reqs: (cached prefix length, new tokens) per request; `pad` padding rows at the end."""
+def test_matches_dense_reference(reqs, pad, pad_reqs, group, head_dim):
+    """reqs: (cached prefix length, new tokens) per request; then `pad` padding rows and `pad_reqs`
+    padding requests (no tokens, as a compiled bucket adds them)."""
     torch.manual_seed(0)
     kv_heads, layers, layer = 2, 2, 1
     heads = kv_heads * group
@@ -58,7 +62,9 @@ def test_matches_dense_reference(reqs, pad, group, head_dim):
 
     out = attention(
         q, k_new, v_new, k_cache, v_cache, layer, out_slots, table,
-        torch.arange(1, len(reqs) + 1), torch.tensor([p + n for p, n in reqs]), torch.tensor([n for _, n in reqs]),
+        torch.tensor(list(range(1, len(reqs) + 1)) + [0] * pad_reqs),
+        torch.tensor([p + n for p, n in reqs] + [0] * pad_reqs),
+        torch.tensor([n for _, n in reqs] + [0] * pad_reqs),
         scale, True,
     )  # fmt: skip
 
