@@ -144,7 +144,7 @@ class EngineCore:
             return []
         logits = self.runner.forward(batch)
         # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
-        ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == len(r.all_ids)]
+        ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         next_ids = [-1] * len(batch.reqs)
         if ready:
             rows, reqs = logits[ready], [batch.reqs[i] for i in ready]
@@ -152,7 +152,7 @@ class EngineCore:
             for i, tok in zip(ready, sample(rows, reqs)):
                 next_ids[i] = tok
         self.scheduler.process(batch, next_ids)
-        return [self._output(r) for r in batch.reqs if r.kv_len == len(r.all_ids) - 1 or r.finished]
+        return [self._output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
 
     @staticmethod
     def _output(req: Req) -> TokenOutput:

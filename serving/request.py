@@ -36,12 +36,19 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (decode asks for one token, every step)."""
+        p = len(self.input_ids)
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.input_ids[start:end] + self.output_ids[: max(end - p, 0)]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    def next_extend(self) -> list[int]:
-        """The tokens whose K/V the next forward must compute."""
-        return self.all_ids[self.kv_len :]
 
     def remaining_tokens(self) -> int:
         """Upper bound on slots this request may still take."""
@@ -50,7 +57,7 @@ class Req:
     @property
     def prefilling(self) -> bool:
         """Whether K/V are still missing for more than the newest token (a prompt, or a recompute)."""
-        return len(self.all_ids) - self.kv_len > 1
+        return self.num_tokens - self.kv_len > 1
 
     def check_finished(self, eos_ids: set[int], context_len: int, decode: Callable[[list[int]], str]) -> None:
         """Applies SGLang's order: length, then stop tokens, then stop strings."""

@@ -69,13 +69,13 @@ class Scheduler:
     def _future(self, req: Req) -> int:
         """Slots a request is expected to take from now on: all its uncomputed tokens, part of its output."""
         output_left = req.params.max_new_tokens - len(req.output_ids)
-        return len(req.all_ids) - req.kv_len + math.ceil(output_left * self.new_token_ratio)
+        return req.num_tokens - req.kv_len + math.ceil(output_left * self.new_token_ratio)
 
     def schedule(self) -> ScheduledBatch | None:
         budget = self.chunk_size
         plan: list[tuple[Req, int]] = []
         for req in list(self.running):
-            n = min(len(req.all_ids) - req.kv_len, budget) if req.prefilling else 1
+            n = min(req.num_tokens - req.kv_len, budget) if req.prefilling else 1
             if n > 0:
                 plan.append((req, n))
                 budget -= n
@@ -88,7 +88,7 @@ class Scheduler:
             self.cache.evict(need - self.pool.free_slots, self.pool.free)
         extends = []
         for req, n in plan:
-            ids = req.all_ids[req.kv_len : req.kv_len + n]
+            ids = req.ids_between(req.kv_len, req.kv_len + n)
             self.pool.alloc_slots(req.row, req.kv_len, n)
             req.alloc_len = req.kv_len + n
             extends.append(ids)
@@ -114,7 +114,7 @@ class Scheduler:
             prefix, node = self.cache.match_prefix(req.all_ids[:-1]) if self.cache else ([], None)
             if node is not None:
                 self.cache.inc_lock(node)  # before measuring: locked slots are no longer evictable
-            n = min(len(req.all_ids) - len(prefix), budget)
+            n = min(req.num_tokens - len(prefix), budget)
             req.kv_len = len(prefix)
             if reserved + self._future(req) > self.available():
                 req.kv_len = 0
@@ -138,7 +138,7 @@ class Scheduler:
         done = []
         for req, ids, tok in zip(batch.reqs, batch.extends, next_ids):
             req.kv_len += len(ids)
-            if req.kv_len < len(req.all_ids):
+            if req.kv_len < req.num_tokens:
                 self._cache_progress(req)  # a chunk of a longer prefill: no token yet
                 continue
             if req.params.max_new_tokens == 0:

@@ -126,8 +126,8 @@ class TokenizerManager:
 
     # ---- running them ----
 
-    async def stream_one(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
-        """Yields the response object after every engine output (cumulative text and ids)."""
+    async def stream_one(self, req: SingleRequest, partial: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """Yields the response object after every engine output (cumulative text and ids), or only the last."""
         start = time.monotonic()
         p = req.params
         detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
@@ -141,6 +141,8 @@ class TokenizerManager:
                 new = new[:-1]  # the matched stop token is not part of the text
             detok.add(new, final=finish is not None)
             text = detok.text if finish is not None else detok.text[: len(detok.text) - hold]
+            if finish is None and not partial:
+                continue
             if finish is not None:
                 text = trim_stop(text, finish, p.no_stop_trim)
             yield {
@@ -162,7 +164,7 @@ class TokenizerManager:
 
     async def run_one(self, req: SingleRequest) -> dict[str, Any]:
         last: dict[str, Any] = {}
-        async for last in self.stream_one(req):
+        async for last in self.stream_one(req, partial=False):
             pass
         return last
 
