@@ -24,6 +24,7 @@ class CompiledModel:
         self.profile = profile
         self.stats = CompileStats()
         self.eager_fallbacks = 0
+        self.warm_up_seconds = 0.0
         self.buckets = sorted(set(profile.decode_batch_sizes) | set(profile.prefill_token_counts))
         self._compiled = torch.compile(model.forward, backend=piecewise_backend(self.stats, profile.inductor), fullgraph=True)
 
@@ -78,7 +79,7 @@ class CompiledModel:
         return {
             "buckets": self.buckets,
             "buckets_compiled": len(self.buckets) if self.stats.frozen else 0,
-            "warm_up_seconds": round(getattr(self, "warm_up_seconds", 0.0), 2),
+            "warm_up_seconds": round(self.warm_up_seconds, 2),
             "compile_seconds": round(self.stats.compile_seconds, 2),
             "pieces": self.stats.pieces,
             "distinct_pieces": self.stats.unique_pieces,

@@ -89,10 +89,10 @@ class EngineCore:
 
     def _compile(self, profile: Profile) -> CompiledModel:
         key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
-        cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile" / key)
+        cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile") / key
         use_cache_dir(cache)
-        log.info("compiling %d buckets (cache %s)", len(profile.decode_batch_sizes) + len(profile.prefill_token_counts), cache)
         compiled = CompiledModel(self.model, profile)
+        log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
         compiled.warm_up((self.pool.k, self.pool.v), self.pool.req_to_token)
         return compiled
 

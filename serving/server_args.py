@@ -39,7 +39,7 @@ class ServerArgs:
     skip_server_warmup: bool = _opt(False, "do not send one request through the model before reporting ready")
     disable_compile: bool = _opt(False, "run the model eagerly instead of compiling one graph per shape bucket")
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
-    compile_cache_dir: str | None = _opt(None, "persistent compile cache (default: <cache-dir>/compile/<key>)")
+    compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch bucket to compile (narrows the profile)")
 
     @classmethod

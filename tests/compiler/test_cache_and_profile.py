@@ -1,0 +1,39 @@
+"""The compile-cache key and the bucket profiles."""
+
+import pytest
+import torch
+
+from kiln.compiler.cache import cache_key
+from kiln.compiler.profile import Profile, pick
+
+CPU = torch.device("cpu")
+
+
+def test_every_factor_changes_the_key():
+    profile = Profile.for_device("cpu")
+    base = cache_key({"hidden_size": 64}, torch.float32, CPU, profile)
+    assert cache_key({"hidden_size": 64}, torch.float32, CPU, profile) == base
+    assert cache_key({"hidden_size": 65}, torch.float32, CPU, profile) != base
+    assert cache_key({"hidden_size": 64}, torch.bfloat16, CPU, profile) != base
+    assert cache_key({"hidden_size": 64}, torch.float32, CPU, profile.narrowed(8)) != base
+
+
+def test_device_profiles_load_and_narrow():
+    for device in ("cpu", "cuda"):
+        p = Profile.for_device(device)
+        assert list(p.decode_batch_sizes) == sorted(p.decode_batch_sizes) and min(p.decode_batch_sizes) >= 2
+        assert p.chunked_prefill_size <= max(p.prefill_token_counts)
+    narrowed = Profile.for_device("cuda").narrowed(32)
+    assert max(narrowed.decode_batch_sizes) == 32
+
+
+def test_bucket_sizes_below_two_are_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[buckets]\ndecode_batch_sizes = [1, 2]\nprefill_token_counts = [16]\nchunked_prefill_size = 16\n")
+    with pytest.raises(ValueError, match="at least 2"):
+        Profile.load(bad)
+
+
+def test_pick_takes_the_smallest_bucket_that_holds_n():
+    assert pick((2, 4, 8), 1) == 2 and pick((2, 4, 8), 4) == 4 and pick((2, 4, 8), 5) == 8
+    assert pick((2, 4, 8), 9) is None
