@@ -120,7 +120,7 @@ class EngineCore:
 
     def add(self, msg: GenerateRequest) -> list[TokenOutput]:
         seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
-        req = Req(msg.rid, msg.input_ids, msg.params, seed)
+        req = Req(msg.rid, msg.input_ids, msg.params, seed, msg.logprob)
         if req.remaining_tokens() > self.pool.size:
             req.finish_reason = {"type": "abort", "message": f"request needs {req.remaining_tokens()} KV slots; the pool has {self.pool.size}"}
             return [self._output(req)]
@@ -146,16 +146,42 @@ class EngineCore:
         # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
         ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         next_ids = [-1] * len(batch.reqs)
+        logprobs = None
         if ready:
             rows, reqs = logits[ready], [batch.reqs[i] for i in ready]
+            if any(r.logprob for r in reqs):
+                # Logprobs of the model's own distribution: before penalties, temperature and filtering.
+                logprobs = torch.log_softmax(rows, dim=-1)
             apply_penalties(rows, reqs, self.eos_ids)
             for i, tok in zip(ready, sample(rows, reqs)):
                 next_ids[i] = tok
+        before = [len(r.output_ids) for r in batch.reqs]
         self.scheduler.process(batch, next_ids)
+        if logprobs is not None:
+            for j, i in enumerate(ready):
+                req = batch.reqs[i]
+                if req.logprob and len(req.output_ids) > before[i]:
+                    record_logprobs(req, logprobs[j], next_ids[i])
         return [self._output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
 
     @staticmethod
     def _output(req: Req) -> TokenOutput:
-        new = req.output_ids[req.sent :]
-        req.sent = len(req.output_ids)
-        return TokenOutput(req.rid, new, len(req.input_ids), req.cached_tokens, req.finish_reason, req.retractions)
+        start, req.sent = req.sent, len(req.output_ids)
+        out = TokenOutput(req.rid, req.output_ids[start:], len(req.input_ids), req.cached_tokens, req.finish_reason, req.retractions)
+        if req.logprob:
+            out.token_logprobs = req.token_logprobs[start:]
+            out.top_logprobs = req.top_logprobs[start:]
+            out.ids_logprobs = req.ids_logprobs[start:]
+        return out
+
+
+def record_logprobs(req: Req, logprobs: torch.Tensor, token: int) -> None:
+    """Appends the logprobs of the request's newest output token (logprobs: [vocab])."""
+    req.token_logprobs.append(logprobs[token].item())
+    top: list[tuple[float, int]] = []
+    if req.logprob.top_n:
+        values, ids = logprobs.topk(req.logprob.top_n)
+        top = list(zip(values.tolist(), ids.tolist()))
+    req.top_logprobs.append(top)
+    wanted = req.logprob.token_ids or []
+    req.ids_logprobs.append(list(zip(logprobs[wanted].tolist(), wanted)))

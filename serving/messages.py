@@ -7,10 +7,16 @@ import msgspec
 from kiln.serving.sampling_params import SamplingParams
 
 
+class LogprobRequest(msgspec.Struct):
+    top_n: int = 0
+    token_ids: list[int] | None = None
+
+
 class GenerateRequest(msgspec.Struct, tag=True):
     rid: str
     input_ids: list[int]
     params: SamplingParams
+    logprob: LogprobRequest | None = None
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -40,6 +46,10 @@ class TokenOutput(msgspec.Struct):
     cached_tokens: int
     finish_reason: dict[str, Any] | None = None
     retractions: int = 0
+    # With LogprobRequest, one entry per id of new_ids: its logprob, the top ones, the asked-for ones.
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[float, int]]] | None = None
+    ids_logprobs: list[list[tuple[float, int]]] | None = None
 
 
 class StepOutput(msgspec.Struct, tag=True):

@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
+from kiln.serving.messages import LogprobRequest
 from kiln.serving.sampling_params import SamplingParams
 
 
 class Req:
-    def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, seed: int):
+    def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, seed: int, logprob: LogprobRequest | None = None):
         self.rid = rid
         self.input_ids = input_ids
         self.params = params
@@ -22,6 +23,10 @@ class Req:
         self.prefix_len = 0  # leading slots of the row that belong to the radix cache (locked)
         self.prefix_node = None  # the radix node locked for those slots
         self.retractions = 0
+        self.logprob = logprob
+        self.token_logprobs: list[float] = []  # aligned with output_ids, when logprob is asked
+        self.top_logprobs: list[list[tuple[float, int]]] = []
+        self.ids_logprobs: list[list[tuple[float, int]]] = []
         self.admitted = False
         self.finish_reason: dict[str, Any] | None = None
         self.sent = 0  # output ids already reported to the client

@@ -11,7 +11,7 @@ import msgspec
 from transformers import PreTrainedTokenizerBase
 
 from kiln.serving.engine_client import EngineClient
-from kiln.serving.messages import GenerateRequest
+from kiln.serving.messages import GenerateRequest, LogprobRequest
 from kiln.serving.protocol import GenerateReqInput
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.tokenizer import IncrementalDetokenizer, trim_stop
@@ -26,6 +26,8 @@ class SingleRequest:
     rid: str
     input_ids: list[int]
     params: SamplingParams
+    logprob: LogprobRequest | None = None
+    logprob_text: bool = False
 
 
 class TokenizerManager:
@@ -45,8 +47,6 @@ class TokenizerManager:
             raise BadRequest("Either text, input_ids or input_embeds should be provided.")
         if obj.text is not None and obj.input_ids is not None:
             raise BadRequest("Either text or input_ids should be provided.")
-        if obj.return_logprob not in (False, None) and obj.return_logprob != []:
-            raise BadRequest("return_logprob is not supported by this server yet.")
         if obj.text is not None:
             is_batch = isinstance(obj.text, list)
             texts = obj.text if is_batch else [obj.text]
@@ -57,6 +57,7 @@ class TokenizerManager:
             is_batch, prompts = self._check_ids(obj.input_ids)
         n_params = self._param_list(obj.sampling_params, len(prompts))
         rids = self._rids(obj.rid, len(prompts), is_batch)
+        logprobs = self._logprob_list(obj, len(prompts))
         singles = []
         for i, (ids, params) in enumerate(zip(prompts, n_params)):
             self.check_length(ids, params)
@@ -64,8 +65,38 @@ class TokenizerManager:
             params = msgspec.structs.replace(params, n=1)
             for j in range(copies):
                 rid = rids[i] if copies == 1 else f"{rids[i]}-{j}"
-                singles.append(SingleRequest(rid, ids, params))
+                singles.append(SingleRequest(rid, ids, params, logprobs[i], obj.return_text_in_logprobs))
         return singles, is_batch or len(singles) > 1
+
+    def _logprob_list(self, obj: GenerateReqInput, count: int) -> list[LogprobRequest | None]:
+        def per_input(value: Any, name: str) -> list[Any]:
+            if not isinstance(value, list):
+                return [value] * count
+            if len(value) != count:
+                raise BadRequest(f"{name} has {len(value)} entries for {count} inputs.")
+            return value
+
+        flags = per_input(obj.return_logprob, "return_logprob")
+        starts = per_input(obj.logprob_start_len, "logprob_start_len")
+        tops = per_input(obj.top_logprobs_num, "top_logprobs_num")
+        wanted = obj.token_ids_logprob
+        if wanted is None or (wanted and not isinstance(wanted[0], list)):
+            wanted = [wanted] * count
+        elif len(wanted) != count:
+            raise BadRequest(f"token_ids_logprob has {len(wanted)} entries for {count} inputs.")
+        out: list[LogprobRequest | None] = []
+        for flag, start, top, ids in zip(flags, starts, tops, wanted):
+            if not flag:
+                out.append(None)
+                continue
+            if start is not None and start >= 0:
+                raise BadRequest("Input logprobs (logprob_start_len >= 0) are not supported by this server yet; use -1.")
+            if top is None or top < 0 or top > self.vocab_size:
+                raise BadRequest(f"top_logprobs_num must be in [0, {self.vocab_size}], got {top}.")
+            if ids is not None and not all(type(t) is int and 0 <= t < self.vocab_size for t in ids):
+                raise BadRequest(f"token_ids_logprob must hold token ids in [0, {self.vocab_size}).")
+            out.append(LogprobRequest(top, ids))
+        return out
 
     def _check_ids(self, input_ids: list[Any]) -> tuple[bool, list[list[int]]]:
         if not input_ids:
@@ -133,8 +164,11 @@ class TokenizerManager:
         detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
         hold = max((len(s) for s in p.stop_strings), default=1) - 1
         output_ids: list[int] = []
-        async for out in self.engine.generate(GenerateRequest(req.rid, req.input_ids, p)):
+        lp: dict[str, list[Any]] = {"output_token_logprobs": [], "output_top_logprobs": [], "output_token_ids_logprobs": []}
+        async for out in self.engine.generate(GenerateRequest(req.rid, req.input_ids, p, req.logprob)):
             output_ids += out.new_ids
+            if req.logprob:
+                self._add_logprobs(lp, out, req.logprob_text)
             finish = out.finish_reason
             new = out.new_ids
             if finish is not None and isinstance(finish.get("matched"), int) and not p.no_stop_trim and new:
@@ -145,10 +179,11 @@ class TokenizerManager:
                 continue
             if finish is not None:
                 text = trim_stop(text, finish, p.no_stop_trim)
+            meta = self._logprob_meta(req, lp) if req.logprob else {}
             yield {
                 "text": text,
                 "output_ids": list(output_ids),
-                "meta_info": {
+                "meta_info": meta | {
                     "id": req.rid,
                     "finish_reason": finish,
                     "prompt_tokens": out.prompt_tokens or len(req.input_ids),
@@ -161,6 +196,24 @@ class TokenizerManager:
                     "response_sent_to_client_ts": time.time(),
                 },
             }
+
+    def _add_logprobs(self, lp: dict[str, list[Any]], out: Any, with_text: bool) -> None:
+        text = (lambda t: self.tokenizer.decode([t])) if with_text else (lambda t: None)
+        lp["output_token_logprobs"] += [[v, t, text(t)] for v, t in zip(out.token_logprobs, out.new_ids)]
+        lp["output_top_logprobs"] += [[[v, t, text(t)] for v, t in top] for top in out.top_logprobs]
+        lp["output_token_ids_logprobs"] += [[[v, t, text(t)] for v, t in ids] for ids in out.ids_logprobs]
+
+    @staticmethod
+    def _logprob_meta(req: SingleRequest, lp: dict[str, list[Any]]) -> dict[str, Any]:
+        asked_ids = req.logprob.token_ids is not None
+        return {
+            "input_token_logprobs": [],
+            "output_token_logprobs": list(lp["output_token_logprobs"]),
+            "input_top_logprobs": [],
+            "output_top_logprobs": list(lp["output_top_logprobs"]),
+            "input_token_ids_logprobs": [] if asked_ids else None,
+            "output_token_ids_logprobs": list(lp["output_token_ids_logprobs"]) if asked_ids else None,
+        }
 
     async def run_one(self, req: SingleRequest) -> dict[str, Any]:
         last: dict[str, Any] = {}
