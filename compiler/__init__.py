@@ -1,1 +1,1 @@
-"""torch.compile lowering per shape bucket (see issue: compiler)."""
+"""torch.compile lowering: one Dynamo trace split at attention, Inductor per shape bucket, a persistent cache."""
