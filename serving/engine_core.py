@@ -142,7 +142,9 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.forward(batch)
+        logits, prompt_logits = self.runner.forward(batch)
+        for i, rows in prompt_logits.items():
+            record_input_logprobs(batch.reqs[i], torch.log_softmax(rows, dim=-1), len(batch.extends[i]))
         # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
         ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         next_ids = [-1] * len(batch.reqs)
@@ -168,6 +170,10 @@ class EngineCore:
     def _output(req: Req) -> TokenOutput:
         start, req.sent = req.sent, len(req.output_ids)
         out = TokenOutput(req.rid, req.output_ids[start:], len(req.input_ids), req.cached_tokens, req.finish_reason, req.retractions)
+        if req.logprob and start == 0 and (req.output_ids or req.finished):
+            out.input_logprobs = req.input_logprobs
+            out.input_top_logprobs = req.input_top_logprobs
+            out.input_ids_logprobs = req.input_ids_logprobs
         if req.logprob:
             out.token_logprobs = req.token_logprobs[start:]
             out.top_logprobs = req.top_logprobs[start:]
@@ -175,13 +181,31 @@ class EngineCore:
         return out
 
 
+def _scores(req: Req, logprobs: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[list], list[list]]:
+    """For rows of logprobs [n, vocab] and the token each row chose: its logprob, the top ones, the asked-for ones."""
+    picked = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    tops: list[list] = [[] for _ in tokens]
+    if req.logprob.top_n:
+        values, ids = logprobs.topk(req.logprob.top_n, dim=-1)
+        tops = [list(zip(v, t)) for v, t in zip(values.tolist(), ids.tolist())]
+    wanted = req.logprob.token_ids or []
+    asked = [list(zip(row, wanted)) for row in logprobs[:, wanted].tolist()] if wanted else [[] for _ in tokens]
+    return picked, tops, asked
+
+
 def record_logprobs(req: Req, logprobs: torch.Tensor, token: int) -> None:
     """Appends the logprobs of the request's newest output token (logprobs: [vocab])."""
-    req.token_logprobs.append(logprobs[token].item())
-    top: list[tuple[float, int]] = []
-    if req.logprob.top_n:
-        values, ids = logprobs.topk(req.logprob.top_n)
-        top = list(zip(values.tolist(), ids.tolist()))
-    req.top_logprobs.append(top)
-    wanted = req.logprob.token_ids or []
-    req.ids_logprobs.append(list(zip(logprobs[wanted].tolist(), wanted)))
+    picked, tops, asked = _scores(req, logprobs[None], [token])
+    req.token_logprobs += picked
+    req.top_logprobs += tops
+    req.ids_logprobs += asked
+
+
+def record_input_logprobs(req: Req, logprobs: torch.Tensor, n: int) -> None:
+    """Scores the prompt tokens that this step's rows (Req.input_rows, before kv_len advances) predict."""
+    lo, hi = req.input_rows(n)
+    picked, tops, asked = _scores(req, logprobs, req.input_ids[lo + 1 : hi + 1])
+    req.input_logprobs += picked
+    req.input_top_logprobs += tops
+    req.input_ids_logprobs += asked
+    req.input_lp_pos = hi

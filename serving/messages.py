@@ -10,6 +10,7 @@ from kiln.serving.sampling_params import SamplingParams
 class LogprobRequest(msgspec.Struct):
     top_n: int = 0
     token_ids: list[int] | None = None
+    start_len: int = -1  # first prompt position with an input logprob; -1: none
 
 
 class GenerateRequest(msgspec.Struct, tag=True):
@@ -50,6 +51,10 @@ class TokenOutput(msgspec.Struct):
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[float, int]]] | None = None
     ids_logprobs: list[list[tuple[float, int]]] | None = None
+    # Prompt positions from start_len on, sent once with the first output token.
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[float, int]]] | None = None
+    input_ids_logprobs: list[list[tuple[float, int]]] | None = None
 
 
 class StepOutput(msgspec.Struct, tag=True):

@@ -20,8 +20,9 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> Tensor:
-        """Logits [B, vocab] (float32) at each request's last new token."""
+    def forward(self, batch: ScheduledBatch) -> tuple[Tensor, dict[int, Tensor]]:
+        """Logits [B, vocab] (float32) at each request's last new token, and for requests that
+        asked for input logprobs, the logits of the prompt positions this step scores (Req.input_rows)."""
         ids, positions, slots, lens, ext = [], [], [], [], []
         for req, extend in zip(batch.reqs, batch.extends):
             start = req.kv_len
@@ -45,4 +46,10 @@ class ModelRunner:
             meta,
         )
         last = torch.tensor(ext, device=dev).cumsum(0) - 1
-        return self.model.compute_logits(hidden[last])
+        prompt_logits, offset = {}, 0
+        for i, (req, n) in enumerate(zip(batch.reqs, ext)):
+            lo, hi = req.input_rows(n)
+            if hi > lo:
+                prompt_logits[i] = self.model.compute_logits(hidden[offset + lo - req.kv_len : offset + hi - req.kv_len])
+            offset += n
+        return self.model.compute_logits(hidden[last]), prompt_logits

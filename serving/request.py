@@ -27,6 +27,12 @@ class Req:
         self.token_logprobs: list[float] = []  # aligned with output_ids, when logprob is asked
         self.top_logprobs: list[list[tuple[float, int]]] = []
         self.ids_logprobs: list[list[tuple[float, int]]] = []
+        # Input logprobs: the logits at position p score prompt token p + 1.
+        start = logprob.start_len if logprob else -1
+        self.input_lp_pos = max(start, 1) - 1 if start >= 0 else len(input_ids)  # next position to score
+        self.input_logprobs: list[float | None] = [None] if start == 0 else []
+        self.input_top_logprobs: list[list[tuple[float, int]]] = [[]] if start == 0 else []
+        self.input_ids_logprobs: list[list[tuple[float, int]]] = [[]] if start == 0 else []
         self.admitted = False
         self.finish_reason: dict[str, Any] | None = None
         self.sent = 0  # output ids already reported to the client
@@ -58,6 +64,15 @@ class Req:
     def remaining_tokens(self) -> int:
         """Upper bound on slots this request may still take."""
         return len(self.input_ids) + self.params.max_new_tokens - self.kv_len
+
+    def input_rows(self, n: int) -> tuple[int, int]:
+        """Positions of this step's n new tokens whose logits score a prompt token: [lo, hi)."""
+        lo = max(self.kv_len, self.input_lp_pos)
+        return lo, max(lo, min(self.kv_len + n, len(self.input_ids) - 1))
+
+    def max_prefix(self) -> int:
+        """Longest cached prefix usable: one token is always computed, and so is every position still to score."""
+        return min(self.num_tokens - 1, self.input_lp_pos)
 
     @property
     def prefilling(self) -> bool:

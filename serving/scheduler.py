@@ -106,12 +106,12 @@ class Scheduler:
 
     def _admit(self, plan: list[tuple[Req, int]], budget: int) -> None:
         if self.policy == "lpm" and self.cache and len(self.waiting) > 1:
-            ranked = sorted(self.waiting, key=lambda r: -len(self.cache.match_prefix(r.all_ids[:-1])[0]))
+            ranked = sorted(self.waiting, key=lambda r: -len(self.cache.match_prefix(r.all_ids[: r.max_prefix()])[0]))
             self.waiting = deque(ranked)
         reserved = sum(self._future(r) for r in self.running)
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             req = self.waiting[0]
-            prefix, node = self.cache.match_prefix(req.all_ids[:-1]) if self.cache else ([], None)
+            prefix, node = self.cache.match_prefix(req.all_ids[: req.max_prefix()]) if self.cache else ([], None)
             if node is not None:
                 self.cache.inc_lock(node)  # before measuring: locked slots are no longer evictable
             n = min(req.num_tokens - len(prefix), budget)

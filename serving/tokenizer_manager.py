@@ -17,6 +17,16 @@ from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.tokenizer import IncrementalDetokenizer, trim_stop
 
 
+LOGPROB_KEYS = (
+    "input_token_logprobs",
+    "output_token_logprobs",
+    "input_top_logprobs",
+    "output_top_logprobs",
+    "input_token_ids_logprobs",
+    "output_token_ids_logprobs",
+)
+
+
 class BadRequest(ValueError):
     """Invalid input: answered with a 400 and this message."""
 
@@ -89,13 +99,13 @@ class TokenizerManager:
             if not flag:
                 out.append(None)
                 continue
-            if start is not None and start >= 0:
-                raise BadRequest("Input logprobs (logprob_start_len >= 0) are not supported by this server yet; use -1.")
+            if start is None or start < -1:
+                raise BadRequest(f"logprob_start_len must be -1 (no input logprobs) or a prompt position, got {start}.")
             if top is None or top < 0 or top > self.vocab_size:
                 raise BadRequest(f"top_logprobs_num must be in [0, {self.vocab_size}], got {top}.")
             if ids is not None and not all(type(t) is int and 0 <= t < self.vocab_size for t in ids):
                 raise BadRequest(f"token_ids_logprob must hold token ids in [0, {self.vocab_size}).")
-            out.append(LogprobRequest(top, ids))
+            out.append(LogprobRequest(top, ids, start))
         return out
 
     def _check_ids(self, input_ids: list[Any]) -> tuple[bool, list[list[int]]]:
@@ -164,11 +174,11 @@ class TokenizerManager:
         detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
         hold = max((len(s) for s in p.stop_strings), default=1) - 1
         output_ids: list[int] = []
-        lp: dict[str, list[Any]] = {"output_token_logprobs": [], "output_top_logprobs": [], "output_token_ids_logprobs": []}
+        lp: dict[str, list[Any]] = {k: [] for k in LOGPROB_KEYS}
         async for out in self.engine.generate(GenerateRequest(req.rid, req.input_ids, p, req.logprob)):
             output_ids += out.new_ids
             if req.logprob:
-                self._add_logprobs(lp, out, req.logprob_text)
+                self._add_logprobs(lp, out, req)
             finish = out.finish_reason
             new = out.new_ids
             if finish is not None and isinstance(finish.get("matched"), int) and not p.no_stop_trim and new:
@@ -197,23 +207,23 @@ class TokenizerManager:
                 },
             }
 
-    def _add_logprobs(self, lp: dict[str, list[Any]], out: Any, with_text: bool) -> None:
-        text = (lambda t: self.tokenizer.decode([t])) if with_text else (lambda t: None)
-        lp["output_token_logprobs"] += [[v, t, text(t)] for v, t in zip(out.token_logprobs, out.new_ids)]
-        lp["output_top_logprobs"] += [[[v, t, text(t)] for v, t in top] for top in out.top_logprobs]
-        lp["output_token_ids_logprobs"] += [[[v, t, text(t)] for v, t in ids] for ids in out.ids_logprobs]
+    def _add_logprobs(self, lp: dict[str, list[Any]], out: Any, req: SingleRequest) -> None:
+        text = (lambda t: self.tokenizer.decode([t])) if req.logprob_text else (lambda t: None)
+        triples = lambda pairs: [[v, t, text(t)] for v, t in pairs]  # noqa: E731
+        lp["output_token_logprobs"] += triples(zip(out.token_logprobs, out.new_ids))
+        lp["output_top_logprobs"] += [triples(top) for top in out.top_logprobs]
+        lp["output_token_ids_logprobs"] += [triples(ids) for ids in out.ids_logprobs]
+        if out.input_logprobs is not None:
+            lp["input_token_logprobs"] = triples(zip(out.input_logprobs, req.input_ids[req.logprob.start_len :]))
+            lp["input_top_logprobs"] = [triples(top) for top in out.input_top_logprobs]
+            lp["input_token_ids_logprobs"] = [triples(ids) for ids in out.input_ids_logprobs]
 
     @staticmethod
     def _logprob_meta(req: SingleRequest, lp: dict[str, list[Any]]) -> dict[str, Any]:
-        asked_ids = req.logprob.token_ids is not None
-        return {
-            "input_token_logprobs": [],
-            "output_token_logprobs": list(lp["output_token_logprobs"]),
-            "input_top_logprobs": [],
-            "output_top_logprobs": list(lp["output_top_logprobs"]),
-            "input_token_ids_logprobs": [] if asked_ids else None,
-            "output_token_ids_logprobs": list(lp["output_token_ids_logprobs"]) if asked_ids else None,
-        }
+        meta = {k: list(v) for k, v in lp.items()}
+        if req.logprob.token_ids is None:
+            meta["input_token_ids_logprobs"] = meta["output_token_ids_logprobs"] = None
+        return meta
 
     async def run_one(self, req: SingleRequest) -> dict[str, Any]:
         last: dict[str, Any] = {}

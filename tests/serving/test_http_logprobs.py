@@ -51,6 +51,39 @@ def test_output_logprobs_match_transformers(client, tokenize, reference):
     assert meta["input_token_logprobs"] == [] and meta["input_top_logprobs"] == []
 
 
+@pytest.mark.parametrize("start", [0, 3])
+def test_input_logprobs_match_transformers(client, tokenize, start):
+    prompt = "Paris is the capital of France, and Berlin is the capital of"
+    ids = tokenize(prompt)
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": start, "top_logprobs_num": 2}
+    # Twice: the second run finds the prompt in the radix cache, and must still compute what it scores.
+    for _ in range(2):
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        meta = r.json()["meta_info"]
+        got = meta["input_token_logprobs"]
+        assert [t for _, t, _ in got] == ids[start:]
+        if start == 0:
+            assert got[0][0] is None
+            got = got[1:]
+        with torch.no_grad():
+            want = torch.log_softmax(hf_logits(client, ids), dim=-1)
+        rows = torch.arange(max(start, 1) - 1, len(ids) - 1)
+        torch.testing.assert_close(torch.tensor([v for v, _, _ in got]), want[rows, torch.tensor(ids)[rows + 1]], atol=1e-4, rtol=0)
+        tops = meta["input_top_logprobs"][1:] if start == 0 else meta["input_top_logprobs"]
+        assert [[t for _, t, _ in top] for top in tops] == want[rows].topk(2).indices.tolist()
+
+
+_HF = {}
+
+
+def hf_logits(client, ids: list[int]) -> torch.Tensor:
+    if "model" not in _HF:
+        folder = client.get("/get_server_info").json()["checkpoint"]
+        _HF["model"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return _HF["model"](torch.tensor([ids])).logits[0]
+
+
 def test_streamed_logprobs_equal_the_final_ones(client):
     body = {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 6}, "return_logprob": True}
     whole = client.post("/generate", json=body).json()["meta_info"]["output_token_logprobs"]
@@ -65,7 +98,7 @@ def test_streamed_logprobs_equal_the_final_ones(client):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        ({"logprob_start_len": 0}, "logprob_start_len"),
+        ({"logprob_start_len": -2}, "logprob_start_len"),
         ({"top_logprobs_num": -1}, "top_logprobs_num"),
         ({"token_ids_logprob": [10**7]}, "token_ids_logprob"),
     ],

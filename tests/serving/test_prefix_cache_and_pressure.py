@@ -72,3 +72,21 @@ def test_flush_cache_empties_the_tree_only_when_idle():
     assert core.flush_cache() is True
     assert core.scheduler.cache.total_size() == 0 and core.pool.free_slots == core.pool.size
     assert run(core, PROMPTS[:1])["0"]["cached"] == 0
+
+
+def test_input_logprobs_are_the_same_across_prefill_chunks():
+    from kiln.serving.messages import LogprobRequest
+
+    def input_logprobs(core: EngineCore) -> list:
+        core.add(GenerateRequest("lp", PROMPTS[0], SamplingParams(max_new_tokens=0), LogprobRequest(top_n=2, start_len=5)))
+        outs = []
+        while core.has_work:
+            outs += core.step()
+        return [o for o in outs if o.input_logprobs is not None]
+
+    whole = input_logprobs(engine(max_total_tokens=4096))
+    chunked = input_logprobs(engine(max_total_tokens=4096, chunked_prefill_size=16))
+    assert len(whole) == len(chunked) == 1
+    assert len(whole[0].input_logprobs) == len(PROMPTS[0]) - 5
+    assert [t for top in chunked[0].input_top_logprobs for _, t in top] == [t for top in whole[0].input_top_logprobs for _, t in top]
+    assert chunked[0].input_logprobs == pytest.approx(whole[0].input_logprobs, abs=1e-4)
