@@ -109,8 +109,11 @@ class Scheduler:
             ranked = sorted(self.waiting, key=lambda r: -len(self.cache.match_prefix(r.all_ids[: r.max_prefix()])[0]))
             self.waiting = deque(ranked)
         reserved = sum(self._future(r) for r in self.running)
+        prefilling: set[tuple[int, ...]] = set()  # prompts this step computes
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             req = self.waiting[0]
+            if tuple(req.input_ids) in prefilling:
+                break  # the same prompt is being computed now: take it from the cache next step
             prefix, node = self.cache.match_prefix(req.all_ids[: req.max_prefix()]) if self.cache else ([], None)
             if node is not None:
                 self.cache.inc_lock(node)  # before measuring: locked slots are no longer evictable
@@ -129,6 +132,8 @@ class Scheduler:
             if not req.admitted:
                 req.cached_tokens, req.admitted = len(prefix), True
             self.running.append(req)
+            if self.cache and len(prefix) < len(req.input_ids) - 1:
+                prefilling.add(tuple(req.input_ids))
             plan.append((req, n))
             reserved += self._future(req)
             budget -= n
@@ -138,9 +143,12 @@ class Scheduler:
         done = []
         for req, ids, tok in zip(batch.reqs, batch.extends, next_ids):
             req.kv_len += len(ids)
+            if len(ids) > 1:
+                # After each prefill chunk the computed prefix goes into the cache, so that a chunked
+                # prompt and requests arriving with the same prompt (n > 1) reuse it from the next step.
+                self._cache_progress(req)
             if req.kv_len < req.num_tokens:
-                self._cache_progress(req)  # a chunk of a longer prefill: no token yet
-                continue
+                continue  # a chunk of a longer prefill: no token yet
             if req.params.max_new_tokens == 0:
                 req.finish_reason = {"type": "length", "length": 0}
             else:

@@ -75,7 +75,9 @@ class TokenizerManager:
             params = msgspec.structs.replace(params, n=1)
             for j in range(copies):
                 rid = rids[i] if copies == 1 else f"{rids[i]}-{j}"
-                singles.append(SingleRequest(rid, ids, params, logprobs[i], obj.return_text_in_logprobs))
+                # Each of n samples needs its own stream of randomness, reproducible from the one seed.
+                seeded = params if params.sampling_seed is None or j == 0 else msgspec.structs.replace(params, sampling_seed=params.sampling_seed + j)
+                singles.append(SingleRequest(rid, ids, seeded, logprobs[i], obj.return_text_in_logprobs))
         return singles, is_batch or len(singles) > 1
 
     def _logprob_list(self, obj: GenerateReqInput, count: int) -> list[LogprobRequest | None]:

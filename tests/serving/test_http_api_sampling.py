@@ -91,3 +91,17 @@ def test_sampling_seed_reproducible(generate):
     b = generate({"text": "Once upon a time", "sampling_params": params})
     assert a["output_ids"] == b["output_ids"]
     assert len(a["output_ids"]) == 8
+
+
+def test_parallel_sampling_shares_the_prefill_and_is_reproducible(generate):
+    body = {
+        "text": "Write one word that describes the ocean:",
+        "sampling_params": {"n": 4, "temperature": 1.0, "max_new_tokens": 8, "sampling_seed": 1234, "ignore_eos": True},
+    }
+    first, again = generate(body), generate(body)
+    assert len(first) == 4
+    assert [r["output_ids"] for r in first] == [r["output_ids"] for r in again]
+    assert len({tuple(r["output_ids"]) for r in first}) > 1, "the n samples must differ"
+    prompt = first[0]["meta_info"]["prompt_tokens"]
+    # Copies after the first reuse its prompt's KV from the radix cache instead of computing it again.
+    assert all(r["meta_info"]["cached_tokens"] >= prompt - 1 for r in first[1:])

@@ -96,7 +96,7 @@ def test_chunked_prefill_splits_a_long_prompt_and_keeps_decoding_others():
     s = with_cache(chunk=8)
     s.add(req("short", 2, 6))
     s.process(s.schedule(), [7])  # "short" now decodes
-    s.add(req("long", 20, 2))
+    s.add(Req("long", list(range(30, 50)), SamplingParams(max_new_tokens=2), seed=0))  # shares no prefix
     sizes = []
     while any(r.rid == "long" and not r.output_ids for r in s.running + list(s.waiting)):
         batch = s.schedule()
@@ -111,8 +111,8 @@ def test_chunked_prefill_splits_a_long_prompt_and_keeps_decoding_others():
 
 def test_decode_retracts_the_newest_request_when_the_pool_runs_short():
     s = with_cache(slots=24, rows=3, ratio=0.0)  # admission reserves no output: decode must retract
-    for name in "abc":
-        s.add(req(name, 6, 6))
+    for k, name in enumerate("abc"):  # distinct prompts, so that nothing is shared through the cache
+        s.add(Req(name, list(range(10 * k + 1, 10 * k + 7)), SamplingParams(max_new_tokens=6), seed=0))
     finished = []
     while s.has_work:
         batch = s.schedule()
