@@ -157,7 +157,7 @@ class EngineCore:
             apply_penalties(rows, reqs, self.eos_ids)
             for i, tok in zip(ready, sample(rows, reqs)):
                 next_ids[i] = tok
-        before = [len(r.output_ids) for r in batch.reqs]
+        before = [len(r.output_ids) for r in batch.reqs] if logprobs is not None else []
         self.scheduler.process(batch, next_ids)
         if logprobs is not None:
             for j, i in enumerate(ready):

@@ -1,6 +1,5 @@
 """One request's state inside the engine, and the rules that finish it."""
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,6 @@ class Req:
         self.admitted = False
         self.finish_reason: dict[str, Any] | None = None
         self.sent = 0  # output ids already reported to the client
-        self.arrival = time.monotonic()
         self.generator = torch.Generator().manual_seed(params.sampling_seed if params.sampling_seed is not None else seed)
         self.stop_ids = set(params.stop_token_ids or [])
         self.stop_strs = params.stop_strings
