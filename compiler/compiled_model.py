@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kiln.compiler.cuda_graphs import DecodeGraphs
 from kiln.compiler.piecewise import CompileStats, piecewise_backend
 from kiln.compiler.profile import Profile, pick
 from kiln.ops.attention import AttentionMetadata
@@ -19,8 +20,11 @@ log = logging.getLogger(__name__)
 class CompiledModel:
     """Calls like the model's forward; every call after warm-up reuses a compiled bucket."""
 
-    def __init__(self, model: nn.Module, profile: Profile):
+    def __init__(self, model: nn.Module, profile: Profile, cuda_graphs: bool = True):
         self.model = model
+        self.use_cuda_graphs = cuda_graphs
+        self.graphs: DecodeGraphs | None = None
+        self.piece_graph_bytes = 0
         self.profile = profile
         self.stats = CompileStats()
         self.eager_fallbacks = 0
@@ -42,8 +46,13 @@ class CompiledModel:
             self.eager_fallbacks += 1
             return self.model(input_ids, positions, kv, meta)
         padded = self._pad(size, input_ids, positions, meta)
+        if self.graphs is not None and size in self.graphs.graphs and n == meta.req_indices.shape[0]:
+            return self.graphs.run(size, *padded)[:n]
+        return self._run(padded[0], padded[1], kv, padded[2])[:n]
+
+    def _run(self, input_ids: Tensor, positions: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
         with torch.compiler.set_stance("fail_on_recompile" if self.stats.frozen else "default"):
-            return self._compiled(*padded[:2], kv, padded[2])[:n]
+            return self._compiled(input_ids, positions, kv, meta)
 
     @staticmethod
     def _pad(size: int, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, AttentionMetadata]:
@@ -55,6 +64,8 @@ class CompiledModel:
             req_indices=rows(meta.req_indices),
             seq_lens=rows(meta.seq_lens),
             extend_lens=rows(meta.extend_lens),
+            extend_starts=rows(meta.extend_starts),
+            max_extend_len=meta.max_extend_len,
         )
 
     def warm_up(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor, show_progress: bool = True) -> None:
@@ -65,14 +76,42 @@ class CompiledModel:
             # Inference-mode tensors like the runner's (Dynamo guards on dispatch keys),
             # and distinct ones (it guards on aliasing between inputs too).
             with torch.inference_mode():
-                ids, pos, slots, reqs, lens, ext = (torch.zeros(size, dtype=torch.int64, device=device) for _ in range(6))
+                ids, pos, slots, reqs, lens, ext, starts = (torch.zeros(size, dtype=torch.int64, device=device) for _ in range(7))
                 if self.stats.traces == 0:
-                    for t in (ids, pos, slots, reqs, lens, ext):
+                    for t in (ids, pos, slots, reqs, lens, ext, starts):
                         torch._dynamo.mark_dynamic(t, 0)
-                self._compiled(ids, pos, kv, AttentionMetadata(slots, req_to_token, reqs, lens, ext))
+                longest = torch.zeros(1, dtype=torch.int64)
+                self._compiled(ids, pos, kv, AttentionMetadata(slots, req_to_token, reqs, lens, ext, starts, longest))
         self.stats.frozen = True
+        if kv[0].is_cuda and self.use_cuda_graphs:
+            self.graphs = DecodeGraphs(self._run, kv, req_to_token)
+            self.graphs.capture(list(self.profile.decode_batch_sizes))
+            self._capture_pieces(kv, req_to_token)
         self.warm_up_seconds = time.monotonic() - t0
         log.info("compiled %d buckets in %.1fs: %s", len(self.buckets), self.warm_up_seconds, self.counters())
+
+    @torch.inference_mode()
+    def _capture_pieces(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor) -> None:
+        """One forward per small prefill bucket with capture on: each piece captures itself, in
+        forward order, into that bucket's own memory pool."""
+        sizes = [s for s in self.profile.prefill_token_counts if s <= self.profile.piece_graph_max_tokens]
+        if not sizes:
+            return
+        t0, free = time.monotonic(), torch.cuda.mem_get_info()[0]
+        fixed = (*self.model.parameters(), *self.model.buffers(), *kv, req_to_token)
+        self.stats.static_ptrs = {t.data_ptr() for t in fixed}
+        self.stats.graph_sizes = frozenset(sizes)
+        for size in sorted(sizes, reverse=True):
+            self.stats.capture_pool = torch.cuda.graph_pool_handle()
+            ids, pos, slots, reqs, lens, ext, starts = (torch.zeros(size, dtype=torch.int64, device=kv[0].device) for _ in range(7))
+            self._run(ids, pos, kv, AttentionMetadata(slots, req_to_token, reqs, lens, ext, starts, torch.zeros(1, dtype=torch.int64)))
+        self.stats.capture_pool = None
+        torch.cuda.synchronize()
+        self.piece_graph_bytes = free - torch.cuda.mem_get_info()[0]
+        log.info(
+            "captured %d piece CUDA graphs for prefill buckets %s in %.1fs; they took %.0f MB",
+            self.stats.piece_graphs, sizes, time.monotonic() - t0, self.piece_graph_bytes / 1e6,
+        )  # fmt: skip
 
     def counters(self) -> dict[str, Any]:
         inductor = torch._dynamo.utils.counters["inductor"]
@@ -89,4 +128,8 @@ class CompiledModel:
             "recompiles": max(self.stats.traces - 1, 0),
             "graph_breaks": int(sum(torch._dynamo.utils.counters["graph_break"].values())),
             "eager_fallbacks": self.eager_fallbacks,
+            "cuda_graphs": len(self.graphs.graphs) if self.graphs else 0,
+            "cuda_graph_memory_mb": round(self.graphs.memory_bytes / 1e6, 1) if self.graphs else 0,
+            "piece_cuda_graphs": self.stats.piece_graphs,
+            "piece_graph_memory_mb": round(self.piece_graph_bytes / 1e6, 1),
         }

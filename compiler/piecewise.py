@@ -24,7 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.split_module import split_module
 
-from kiln.ops.attention import attention as attention_op
+from kiln.compiler.cuda_graphs import PieceGraph
+from kiln.ops.attention import attention_op
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ class CompileStats:
     compile_seconds: float = 0.0
     traces: int = 0
     frozen: bool = False
+    # Piecewise CUDA graphs: bucket sizes that get them, the memory pool while a
+    # capture pass runs, and the addresses of inputs that never move.
+    graph_sizes: frozenset[int] = frozenset()
+    capture_pool: Any = None
+    static_ptrs: set[int] = field(default_factory=set, repr=False)
+    piece_graphs: int = 0
     artifacts: dict[tuple[str, tuple[int, ...]], Callable[..., Any]] = field(default_factory=dict, repr=False)
 
 
@@ -79,6 +86,7 @@ class Piece(torch.nn.Module):
         self.key = _canonical(gm)
         self.stats = stats
         self.options = inductor_options
+        self.graphs: dict[tuple[int, ...], PieceGraph] = {}
 
     def forward(self, *args: Any) -> Any:
         sizes = tuple(a for a in args if isinstance(a, int))
@@ -96,6 +104,13 @@ class Piece(torch.nn.Module):
             self.stats.compile_seconds += time.monotonic() - t0
             self.stats.piece_compiles += 1
             self.stats.artifacts[(self.key, sizes)] = fn
+        if sizes and max(sizes) in self.stats.graph_sizes:
+            graph = self.graphs.get(sizes)
+            if graph is None and self.stats.capture_pool is not None:
+                graph = self.graphs[sizes] = PieceGraph(fn, args, self.stats.static_ptrs, self.stats.capture_pool)
+                self.stats.piece_graphs += 1
+            if graph is not None:
+                return graph(*args)
         return fn(*args)
 
 

@@ -1,6 +1,7 @@
 """Bucket sets and Inductor settings, read from a TOML profile (profiles/<device>.toml)."""
 
 import bisect
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ class Profile:
     prefill_token_counts: tuple[int, ...]
     chunked_prefill_size: int
     inductor: dict[str, Any] = field(default_factory=dict)
+    # On CUDA, prefill buckets up to this many tokens also get piecewise CUDA graphs.
+    piece_graph_max_tokens: int = 0
     source: str = ""  # the file's text, part of the compile-cache key
 
     @classmethod
@@ -25,7 +28,10 @@ class Profile:
         decode, prefill = sorted(b["decode_batch_sizes"]), sorted(b["prefill_token_counts"])
         if min(decode + prefill) < 2:
             raise ValueError(f"{path}: bucket sizes must be at least 2 (Dynamo specialises sizes 0 and 1)")
-        return cls(tuple(decode), tuple(prefill), int(b["chunked_prefill_size"]), dict(data.get("inductor", {})), text)
+        return cls(
+            tuple(decode), tuple(prefill), int(b["chunked_prefill_size"]), dict(data.get("inductor", {})),
+            int(b.get("piece_graph_max_tokens", 0)), text,
+        )  # fmt: skip
 
     @classmethod
     def for_device(cls, device_type: str, override: str | None = None) -> "Profile":
@@ -35,7 +41,7 @@ class Profile:
         if not max_decode_batch:
             return self
         kept = tuple(s for s in self.decode_batch_sizes if s <= max_decode_batch) or self.decode_batch_sizes[:1]
-        return Profile(kept, self.prefill_token_counts, self.chunked_prefill_size, self.inductor, self.source + f"\n#max_bs={max_decode_batch}")
+        return dataclasses.replace(self, decode_batch_sizes=kept, source=self.source + f"\n#max_bs={max_decode_batch}")
 
 
 def pick(sizes: tuple[int, ...], n: int) -> int | None:

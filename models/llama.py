@@ -38,11 +38,7 @@ class Attention(nn.Module):
         q = rope(q.view(-1, self.n_heads, self.head_dim), positions)
         k = rope(k.view(-1, self.n_kv, self.head_dim), positions)
         v = v.view(-1, self.n_kv, self.head_dim)
-        o = attention(
-            q, k, v, kv[0], kv[1], self.layer,
-            meta.out_slots, meta.req_to_token, meta.req_indices, meta.seq_lens, meta.extend_lens,
-            self.scale, True,
-        )  # fmt: skip
+        o = attention(q, k, v, kv, self.layer, meta, self.scale)
         return self.o_proj(o.view(-1, self.q_size))
 
 

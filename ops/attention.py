@@ -1,22 +1,28 @@
-"""Attention over the token-slot KV pool, as one custom op.
+"""Attention over the token-slot KV pool, as custom ops.
 
-The op is opaque to Dynamo, so the compiler can split the model graph at it.
-Everything it needs arrives as tensors (plus the layer index and two
-per-model constants), so nothing per-batch hides in globals.
+Models call `attention(...)`, which is one `kiln::attention` op: opaque to
+Dynamo, so the compiler can split the model graph at it. Inside, it stores the
+step's K/V (`kiln::store_kv`) and runs `kiln::decode_attention` when every
+request has at most one new token, else `kiln::extend_attention`. Each of those
+ops has a plain-torch kernel (CPU, `attention_torch.py`) and, where Triton is
+installed, a Triton kernel registered for CUDA (`attention_triton.py`); the
+dispatcher picks by device. Both are tested against `attention_ref.py`.
 
 Batch layout: the T query rows are the requests' new tokens back to back
-(request i owns ``extend_lens[i]`` rows), followed by padding rows. After this
-step request i holds ``seq_lens[i]`` tokens in the pool, whose slots are
-``req_to_token[req_indices[i], :seq_lens[i]]``; its new tokens are the last
-``extend_lens[i]`` of those. Padding rows and padding requests
-(``extend_lens == 0``) write to scratch slot 0 and produce zeros.
+(request i owns ``extend_lens[i]`` rows from ``extend_starts[i]``), followed by
+padding rows. After this step request i holds ``seq_lens[i]`` tokens in the
+pool, whose slots are ``req_to_token[req_indices[i], :seq_lens[i]]``; its new
+tokens are the last ``extend_lens[i]`` of those. Padding rows and padding
+requests (``extend_lens == 0``) write to scratch slot 0 and produce zeros.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from kiln.ops.attention_torch import decode_torch, extend_torch, store_kv_torch
 
 
 @dataclass
@@ -28,10 +34,122 @@ class AttentionMetadata:
     req_indices: Tensor  # [B] int64: row of req_to_token for each request
     seq_lens: Tensor  # [B] int64: tokens in the pool after this step
     extend_lens: Tensor  # [B] int64: new tokens in this batch
+    extend_starts: Tensor  # [B] int64: first query row of each request
+    # [1] int64 on the CPU: the most new tokens of any request. Kernels size their
+    # grids by it and pick decode or extend, without reading the GPU.
+    max_extend_len: Tensor
+
+    @classmethod
+    def build(
+        cls,
+        out_slots: Tensor,
+        req_to_token: Tensor,
+        req_indices: Sequence[int],
+        seq_lens: Sequence[int],
+        extend_lens: Sequence[int],
+    ) -> "AttentionMetadata":
+        """From host-side lists, on req_to_token's device."""
+        dev = req_to_token.device
+        starts = [0]
+        for n in extend_lens[:-1]:
+            starts.append(starts[-1] + n)
+        as_tensor = lambda xs: torch.tensor(list(xs), dtype=torch.int64, device=dev)  # noqa: E731
+        return cls(
+            out_slots=out_slots.to(dev, torch.int64),
+            req_to_token=req_to_token,
+            req_indices=as_tensor(req_indices),
+            seq_lens=as_tensor(seq_lens),
+            extend_lens=as_tensor(extend_lens),
+            extend_starts=as_tensor(starts[: len(extend_lens)]),
+            max_extend_len=torch.tensor([max(extend_lens, default=0)], dtype=torch.int64),
+        )
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.library.custom_op("kiln::store_kv", mutates_args=("k_cache", "v_cache"))
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, slots: Tensor) -> None:
+    """k, v: [T, KVH, D] into layer `layer` of the caches [layers, slots, KVH, D], at `slots`."""
+    store_kv_torch(k, v, k_cache[layer], v_cache[layer], slots)
+
+
+@torch.library.custom_op("kiln::decode_attention", mutates_args=())
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    layer: int,
+    req_to_token: Tensor,
+    req_indices: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    sliding_window: int,
+    logit_cap: float,
+) -> Tensor:
+    """One query row per request (row b is request b); q: [B, H, D]."""
+    return decode_torch(q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+
+
+@torch.library.custom_op("kiln::extend_attention", mutates_args=())
+def extend_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    layer: int,
+    req_to_token: Tensor,
+    req_indices: Tensor,
+    seq_lens: Tensor,
+    extend_lens: Tensor,
+    extend_starts: Tensor,
+    max_extend_len: int,
+    scale: float,
+    causal: bool,
+    sliding_window: int,
+    logit_cap: float,
+) -> Tensor:
+    """Any number of new tokens per request, over the cached prefix and themselves."""
+    return extend_torch(
+        q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, extend_lens, scale, causal, sliding_window, logit_cap
+    )
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap):
+    return torch.empty_like(q)
+
+
+@extend_attention.register_fake
+def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
+    return torch.empty_like(q)
+
+
+if _triton_available():
+    from kiln.ops import attention_triton as _tri
+
+    @store_kv.register_kernel("cuda")
+    def _(k, v, k_cache, v_cache, layer, slots):
+        _tri.store_kv_triton(k, v, k_cache[layer], v_cache[layer], slots)
+
+    @decode_attention.register_kernel("cuda")
+    def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap):
+        return _tri.decode_triton(q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+
+    @extend_attention.register_kernel("cuda")
+    def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
+        return _tri.extend_triton(
+            q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, extend_lens, extend_starts,
+            max_extend_len, scale, causal, sliding_window, logit_cap,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("kiln::attention", mutates_args=("k_cache", "v_cache"))
-def attention(
+def attention_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -43,101 +161,47 @@ def attention(
     req_indices: Tensor,
     seq_lens: Tensor,
     extend_lens: Tensor,
+    extend_starts: Tensor,
+    max_extend_len: Tensor,
     scale: float,
     causal: bool,
+    sliding_window: int,
+    logit_cap: float,
 ) -> Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [layers, slots, KVH, D]. Returns [T, H, D]."""
-    kc, vc = k_cache[layer], v_cache[layer]
-    kc.index_copy_(0, out_slots, k.to(kc.dtype))
-    vc.index_copy_(0, out_slots, v.to(vc.dtype))
-    return attend_torch(q, kc, vc, req_to_token, req_indices, seq_lens, extend_lens, scale, causal)
+    store_kv(k, v, k_cache, v_cache, layer, out_slots)
+    q = q.contiguous()
+    longest = int(max_extend_len[0])
+    # A single new token sees every earlier one, causal or not, so decode serves both.
+    if longest <= 1 and q.shape[0] == req_indices.shape[0]:
+        return decode_attention(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+    return extend_attention(
+        q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_lens, extend_starts,
+        longest, scale, causal, sliding_window, logit_cap,
+    )  # fmt: skip
 
 
-@attention.register_fake
-def _(q, k, v, k_cache, v_cache, layer, out_slots, req_to_token, req_indices, seq_lens, extend_lens, scale, causal):
+@attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, layer, out_slots, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
     return torch.empty_like(q)
 
 
-def attend_torch(
+def attention(
     q: Tensor,
-    kc: Tensor,
-    vc: Tensor,
-    req_to_token: Tensor,
-    req_indices: Tensor,
-    seq_lens: Tensor,
-    extend_lens: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv: tuple[Tensor, Tensor],
+    layer: int,
+    meta: AttentionMetadata,
     scale: float,
-    causal: bool,
+    causal: bool = True,
+    sliding_window: int = 0,
+    logit_cap: float = 0.0,
 ) -> Tensor:
-    """Plain-torch attention for one layer whose K/V are already in the pool.
-
-    Single-token requests are batched into one padded SDPA call (the decode
-    case); longer extends run one SDPA call each with an offset causal mask.
-    A batch of single-token requests only takes a path free of per-request
-    Python work, since it runs for every layer of every decode step.
-    """
-    max_ext, num_tokens, max_len = torch.stack([extend_lens.max(), extend_lens.sum(), seq_lens.max()]).tolist()
-    if max_ext == 1 and causal:
-        return _decode(q, kc, vc, req_to_token, req_indices, seq_lens, num_tokens, max_len, scale)
-    out = torch.zeros_like(q)
-    ext = extend_lens.tolist()
-    lens = seq_lens.tolist()
-    rows = req_indices.tolist()
-    starts = [0]
-    for n in ext:
-        starts.append(starts[-1] + n)
-
-    single = [i for i, n in enumerate(ext) if n == 1]
-    if single:
-        idx = torch.tensor(single, dtype=torch.long, device=q.device)
-        blens = seq_lens[idx]
-        width = max(lens[i] for i in single)
-        slots = req_to_token[req_indices[idx], :width].long()  # [B, W]
-        keys = kc[slots].transpose(1, 2)  # [B, KVH, W, D]
-        vals = vc[slots].transpose(1, 2)
-        first = torch.tensor([starts[i] for i in single], device=q.device)
-        qs = q[first].unsqueeze(2)  # [B, H, 1, D]
-        mask = (torch.arange(width, device=q.device)[None, :] < blens[:, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[first] = o.squeeze(2).to(out.dtype)
-
-    for i, n in enumerate(ext):
-        if n <= 1:
-            continue
-        length = lens[i]
-        slots = req_to_token[rows[i], :length].long()
-        keys = kc[slots].transpose(0, 1)  # [KVH, L, D]
-        vals = vc[slots].transpose(0, 1)
-        qs = q[starts[i] : starts[i] + n].transpose(0, 1)  # [H, n, D]
-        mask = None
-        if causal and n < length:
-            qpos = torch.arange(length - n, length, device=q.device)
-            mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]
-        # Without a cached prefix the mask is plain causal, which SDPA's fused kernels take as a flag.
-        is_causal = causal and n == length
-        o = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, vals, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
-        out[starts[i] : starts[i] + n] = o.transpose(0, 1).to(out.dtype)
-    return out
-
-
-def _decode(
-    q: Tensor,
-    kc: Tensor,
-    vc: Tensor,
-    req_to_token: Tensor,
-    req_indices: Tensor,
-    seq_lens: Tensor,
-    num_tokens: int,
-    max_len: int,
-    scale: float,
-) -> Tensor:
-    """Every request has at most one new token; those with one come first, padding requests last."""
-    slots = req_to_token[req_indices[:num_tokens], :max_len].long()  # [B, W]
-    keys = kc[slots].transpose(1, 2)  # [B, KVH, W, D]
-    vals = vc[slots].transpose(1, 2)
-    mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:num_tokens, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q[:num_tokens, :, None].to(keys.dtype), keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
-    o = o.squeeze(2).to(q.dtype)
-    if num_tokens == q.shape[0]:
-        return o
-    return torch.cat([o, q.new_zeros((q.shape[0] - num_tokens, *q.shape[1:]))])
+    """What a model calls: stores this step's K/V for `layer`, then attends. `sliding_window`
+    (tokens, 0 = off) and `logit_cap` (0 = off) are per-layer constants."""
+    return attention_op(
+        q, k, v, kv[0], kv[1], layer,
+        meta.out_slots, meta.req_to_token, meta.req_indices, meta.seq_lens, meta.extend_lens,
+        meta.extend_starts, meta.max_extend_len, scale, causal, sliding_window, logit_cap,
+    )  # fmt: skip

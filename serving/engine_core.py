@@ -10,6 +10,7 @@ import torch
 
 from kiln.compiler.cache import cache_key, use_cache_dir
 from kiln.compiler.compiled_model import CompiledModel
+from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.serving.kv_pool import KVPool
@@ -60,11 +61,19 @@ class EngineCore:
         log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, time.monotonic() - t0)
 
         self.context_len = args.context_length or self.cfg.max_position_embeddings
+        profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
+        self.graph_reserve = 0
+        if self.device.type == "cuda" and not args.disable_compile and not args.disable_cuda_graph:
+            # The decode graphs share one memory pool, which the largest bucket sizes; a
+            # quarter more covers the compiled pieces' own buffers.
+            kv_shape = (self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
+            self.graph_reserve = int(1.25 * probe_graph_memory(self.model, kv_shape, self.dtype, max(profile.decode_batch_sizes)))
+            log.info("reserved %.0f MB for decode CUDA graphs before sizing the KV pool", self.graph_reserve / 1e6)
         per_token = KVPool.bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype)
         num_slots = args.max_total_tokens
         if num_slots is None:
             fraction = args.mem_fraction_static or (0.85 if self.device.type == "cuda" else 0.3)
-            num_slots = int((free_before * fraction - weights) // per_token)
+            num_slots = int((free_before * fraction - weights - self.graph_reserve) // per_token)
         if num_slots < 16:
             raise RuntimeError(f"KV pool would hold only {num_slots} tokens; raise --mem-fraction-static or --max-total-tokens")
         self.max_running = args.max_running_requests or (256 if self.device.type == "cuda" else 64)
@@ -76,7 +85,6 @@ class EngineCore:
         self.eos_ids = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
         chunk = args.chunked_prefill_size or profile.chunked_prefill_size
         self.scheduler = Scheduler(
             self.pool, None if args.disable_radix_cache else RadixCache(), self.max_running, chunk,
@@ -91,7 +99,7 @@ class EngineCore:
         key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
         cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile") / key
         use_cache_dir(cache)
-        compiled = CompiledModel(self.model, profile)
+        compiled = CompiledModel(self.model, profile, cuda_graphs=not self.args.disable_cuda_graph)
         log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
         compiled.warm_up((self.pool.k, self.pool.v), self.pool.req_to_token)
         return compiled
@@ -115,7 +123,7 @@ class EngineCore:
             "cached_tokens_in_tree": self.scheduler.cache.total_size() if self.scheduler.cache else 0,
             "total_retractions": self.scheduler.total_retractions,
             "chunked_prefill_size": self.scheduler.chunk_size,
-            "compile": self.compiled.counters() if self.compiled else {"enabled": False},
+            "compile": {**self.compiled.counters(), "cuda_graph_reserved_mb": round(self.graph_reserve / 1e6, 1)} if self.compiled else {"enabled": False},
         }
 
     def add(self, msg: GenerateRequest) -> list[TokenOutput]:

@@ -32,13 +32,7 @@ class ModelRunner:
             lens.append(start + len(extend))
             ext.append(len(extend))
         dev = self.device
-        meta = AttentionMetadata(
-            out_slots=torch.cat(slots).to(dev, torch.int64),
-            req_to_token=self.pool.req_to_token,
-            req_indices=torch.tensor([r.row for r in batch.reqs], dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int64, device=dev),
-            extend_lens=torch.tensor(ext, dtype=torch.int64, device=dev),
-        )
+        meta = AttentionMetadata.build(torch.cat(slots), self.pool.req_to_token, [r.row for r in batch.reqs], lens, ext)
         hidden = self.forward_fn(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),

@@ -41,6 +41,7 @@ class ServerArgs:
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
     compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch bucket to compile (narrows the profile)")
+    disable_cuda_graph: bool = _opt(False, "on CUDA, run compiled decode steps without replaying captured CUDA graphs")
 
     @classmethod
     def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:

@@ -52,13 +52,7 @@ class Pool:
 
     def meta(self, rows: list[int], starts: list[int], news: list[int]) -> AttentionMetadata:
         slots = torch.cat([self.table[r, s : s + n] for r, s, n in zip(rows, starts, news)]).long()
-        return AttentionMetadata(
-            out_slots=slots,
-            req_to_token=self.table,
-            req_indices=torch.tensor(rows),
-            seq_lens=torch.tensor([s + n for s, n in zip(starts, news)]),
-            extend_lens=torch.tensor(news),
-        )
+        return AttentionMetadata.build(slots, self.table, rows, [s + n for s, n in zip(starts, news)], news)
 
 
 def test_logits_match_transformers(checkpoint):
