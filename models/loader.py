@@ -122,7 +122,7 @@ def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
     model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(iter_weights(folder))
     for m in model.modules():

@@ -1,13 +1,31 @@
-"""Maps a checkpoint's `architectures` entry to the Kiln module that implements it."""
+"""Maps a checkpoint's `architectures` entry to the Kiln module that implements it, and to the kind of model it is."""
 
 from torch import nn
 
+from kiln.models.bert import BertForSequenceClassification, BertModel, XLMRobertaForSequenceClassification
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from kiln.models.llama_classifier import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "BertModel": BertModel,
+    "XLMRobertaModel": BertModel,
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "XLMRobertaForSequenceClassification": XLMRobertaForSequenceClassification,
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+}
+
+# What a loaded model answers: /generate, /encode (embeddings), /v1/rerank (cross-encoder), /classify (reward).
+GENERATION, EMBEDDING, CROSS_ENCODER, REWARD = "generation", "embedding", "cross-encoder", "reward"
+_KINDS = {
+    BertModel: EMBEDDING,
+    BertForSequenceClassification: CROSS_ENCODER,
+    XLMRobertaForSequenceClassification: CROSS_ENCODER,
+    LlamaForSequenceClassification: REWARD,
+    Qwen2ForSequenceClassification: REWARD,
 }
 
 
@@ -18,3 +36,8 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
     raise ValueError(
         f"architecture {cfg.architectures} is not supported; Kiln knows {sorted(ARCHITECTURES)}"
     )
+
+
+def model_kind(cfg: ModelConfig, is_embedding: bool) -> str:
+    """A decoder is a generation model unless served with --is-embedding (last-token embeddings, as gte-Qwen2)."""
+    return _KINDS.get(model_class(cfg), EMBEDDING if is_embedding else GENERATION)
