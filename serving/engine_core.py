@@ -62,7 +62,7 @@ class EngineCore:
         # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
         self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
-        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device)
+        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, time.monotonic() - t0)
 

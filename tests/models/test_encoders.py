@@ -21,6 +21,7 @@ from transformers import (
 )
 from transformers import BertForSequenceClassification as HFBertCls
 from transformers import LlamaForSequenceClassification as HFLlamaCls
+from transformers import Qwen2ForCausalLM as HFQwen2CausalLM
 from transformers import Qwen2ForSequenceClassification as HFQwen2Cls
 from transformers import XLMRobertaForSequenceClassification as HFXLMRCls
 
@@ -153,8 +154,24 @@ def test_classifier_matches_transformers(case, tmp_path):
     torch.testing.assert_close(alone[0], refs[1], atol=1e-4, rtol=1e-4)
 
 
-def test_decoders_are_generation_unless_served_as_embedding(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**DECODER, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+@pytest.mark.parametrize("saved", ["causal-lm", "headless"])
+def test_decoder_embedding_model_matches_transformers_hidden_states(saved, tmp_path):
+    """A causal LM served with --is-embedding, and a bare Qwen2Model checkpoint (gte-Qwen2's layout), lose the LM head."""
+    torch.manual_seed(0)
+    hf = HFQwen2CausalLM(Qwen2Config(**DECODER)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    (hf if saved == "causal-lm" else hf.model).save_pretrained(tmp_path)
     cfg = read_config(tmp_path)
-    assert model_kind(cfg, is_embedding=False) == GENERATION
+    if saved == "causal-lm":
+        assert model_kind(cfg, is_embedding=False) == GENERATION
     assert model_kind(cfg, is_embedding=True) == EMBEDDING
+    model = load_model(tmp_path, cfg, torch.float32, torch.device("cpu"), is_embedding=True)
+    assert not hasattr(model, "lm_head")
+    embedded = pool(*run(model, cfg, PAIRS), PoolingConfig("last", True))
+    for ids, got in zip(PAIRS, embedded):
+        with torch.no_grad():
+            want = F.normalize(hf.model(torch.tensor([ids])).last_hidden_state[0, -1], dim=0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
