@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def start_server(port: int, dtype: str, compile_: bool, log: Path) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("kiln")
-    cmd = [str(exe), "serve", "--model-path", str(minilm_folder()), "--port", str(port), "--dtype", dtype, "--max-total-tokens", "32768", "--max-running-requests", "128"]
+    cmd = [str(exe), "serve", "--model-path", str(minilm_folder()), "--port", str(port), "--dtype", dtype, "--max-total-tokens", "32768", "--max-running-requests", "128", "--log-level", "warning"]
     if not compile_:
         cmd.append("--disable-compile")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
