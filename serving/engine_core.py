@@ -59,8 +59,9 @@ class EngineCore:
         self.cfg = read_config(self.checkpoint)
         self.tokenizer = load_tokenizer(args.tokenizer_path or str(self.checkpoint))
         self.kind = model_kind(self.cfg, args.is_embedding)
-        # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
-        self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
+        if self.kind != GENERATION:
+            # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
+            self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
         self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -17,9 +17,9 @@ from kiln.serving.embedding_api import EmbeddingServing, require_kind
 from kiln.serving.embedding_protocol import EmbeddingRequest, EncodeReqInput, RerankRequest, ScoreRequest
 from kiln.serving.engine_client import EngineClient
 from kiln.serving.openai_api import OpenAIServing
-from kiln.serving.score_api import score
 from kiln.serving.protocol import AbortReqInput, ChatCompletionRequest, CompletionRequest, DetokenizeReqInput, GenerateReqInput, TokenizeReqInput
 from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.score_api import score
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer_manager import BadRequest, SingleRequest, TokenizerManager
 
