@@ -118,11 +118,11 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
                 yield name, st.get_tensor(name)
 
 
-def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False) -> nn.Module:
     with torch.device("meta"):
-        model = model_class(cfg)(cfg)
+        model = model_class(cfg, is_embedding)(cfg)
     model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(iter_weights(folder))
     for m in model.modules():

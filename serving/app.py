@@ -25,7 +25,7 @@ def create_app(args: ServerArgs) -> Litestar:
     model_info = {
         "model_path": model_path,
         "tokenizer_path": args.tokenizer_path or model_path,
-        "is_generation": True,
+        "is_generation": info["model_kind"] == "generation",
         "preferred_sampling_params": None,
         "weight_version": args.weight_version,
         "has_image_understanding": False,

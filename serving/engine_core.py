@@ -6,20 +6,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from kiln.compiler.cache import cache_key, use_cache_dir
 from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
+from kiln.models.bert import BertModel
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
+from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
+from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
 from kiln.serving.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest, TokenOutput
 from kiln.serving.model_runner import ModelRunner
 from kiln.serving.radix_cache import RadixCache
 from kiln.serving.request import Req
 from kiln.serving.sampler import apply_penalties, sample
-from kiln.serving.scheduler import Scheduler
+from kiln.serving.scheduler import ScheduledBatch, Scheduler
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
 
@@ -55,12 +59,17 @@ class EngineCore:
         self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
         self.cfg = read_config(self.checkpoint)
         self.tokenizer = load_tokenizer(args.tokenizer_path or str(self.checkpoint))
+        self.kind = model_kind(self.cfg, args.is_embedding)
+        if self.kind != GENERATION:
+            # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
+            self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
-        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device)
+        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, time.monotonic() - t0)
 
-        self.context_len = args.context_length or self.cfg.max_position_embeddings
+        self.pooling = self._pooling_config() if self.kind == EMBEDDING else None
+        self.context_len = args.context_length or getattr(self.model, "max_tokens", self.cfg.max_position_embeddings)
         profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
         self.graph_reserve = 0
         if self.device.type == "cuda" and not args.disable_compile and not args.disable_cuda_graph:
@@ -87,13 +96,19 @@ class EngineCore:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         chunk = args.chunked_prefill_size or profile.chunked_prefill_size
         self.scheduler = Scheduler(
-            self.pool, None if args.disable_radix_cache else RadixCache(), self.max_running, chunk,
+            # Pooled outputs need every token computed in one forward (encoders see both ways): no reuse, no chunks.
+            self.pool, None if args.disable_radix_cache or self.kind != GENERATION else RadixCache(), self.max_running, chunk,
             args.schedule_policy, min(1.0, 0.5 * args.schedule_conservativeness), self.eos_ids, self.context_len,
-            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), split_prompts=self.kind == GENERATION,
         )  # fmt: skip
         self.compiled = None if args.disable_compile else self._compile(profile)
         self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
+
+    def _pooling_config(self) -> PoolingConfig:
+        default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)
+        normalize = None if self.args.normalize_embeddings is None else self.args.normalize_embeddings == "true"
+        return read_pooling_config(self.checkpoint, default, self.args.pooling_method, normalize)
 
     def _compile(self, profile: Profile) -> CompiledModel:
         key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
@@ -116,6 +131,7 @@ class EngineCore:
             "checkpoint": str(self.checkpoint),
             "model_type": self.cfg.model_type,
             "architectures": self.cfg.architectures,
+            "model_kind": self.kind,
             "num_running_reqs": len(self.scheduler.running),
             "num_waiting_reqs": len(self.scheduler.waiting),
             "free_slots": self.pool.free_slots,
@@ -128,7 +144,8 @@ class EngineCore:
 
     def add(self, msg: GenerateRequest) -> list[TokenOutput]:
         seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
-        req = Req(msg.rid, msg.input_ids, msg.params, seed, msg.logprob)
+        params = msg.params if self.kind == GENERATION else msgspec.structs.replace(msg.params, max_new_tokens=0)
+        req = Req(msg.rid, msg.input_ids, params, seed, msg.logprob)
         if req.remaining_tokens() > self.pool.size:
             req.finish_reason = {"type": "abort", "message": f"request needs {req.remaining_tokens()} KV slots; the pool has {self.pool.size}"}
             return [self._output(req)]
@@ -150,6 +167,8 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.kind != GENERATION:
+            return self._pooled_step(batch)
         logits, prompt_logits = self.runner.forward(batch)
         for i, rows in prompt_logits.items():
             record_input_logprobs(batch.reqs[i], torch.log_softmax(rows, dim=-1), len(batch.extends[i]))
@@ -173,6 +192,16 @@ class EngineCore:
                 if req.logprob and len(req.output_ids) > before[i]:
                     record_logprobs(req, logprobs[j], next_ids[i])
         return [self._output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
+
+    def _pooled_step(self, batch: ScheduledBatch) -> list[TokenOutput]:
+        """Models without generation: one vector per request (all computed whole), and they are done."""
+        hidden, lens = self.runner.hidden_states(batch)
+        vectors = pool(hidden, lens, self.pooling) if self.pooling else self.model.classify(hidden, lens)
+        self.scheduler.process(batch, [-1] * len(batch.reqs))
+        outputs = [self._output(r) for r in batch.reqs]
+        for out, row in zip(outputs, vectors.tolist()):
+            out.embedding = row
+        return outputs
 
     @staticmethod
     def _output(req: Req) -> TokenOutput:

@@ -12,10 +12,14 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from kiln import __version__
+from kiln.models.registry import GENERATION
+from kiln.serving.embedding_api import EmbeddingServing, require_kind
+from kiln.serving.embedding_protocol import EmbeddingRequest, EncodeReqInput, RerankRequest, ScoreRequest
 from kiln.serving.engine_client import EngineClient
 from kiln.serving.openai_api import OpenAIServing
 from kiln.serving.protocol import AbortReqInput, ChatCompletionRequest, CompletionRequest, DetokenizeReqInput, GenerateReqInput, TokenizeReqInput
 from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.score_api import score
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer_manager import BadRequest, SingleRequest, TokenizerManager
 
@@ -83,10 +87,13 @@ async def unless_disconnected(request: Request, work: Any) -> Any:
 def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, model_info: dict[str, Any]) -> Litestar:
     served_name = args.served_model_name or model_info["model_path"]
     oai = OpenAIServing(tm, served_name)
+    kind = engine.info["model_kind"]
+    pooled = EmbeddingServing(tm, kind, served_name, min(tm.context_len, engine.info["chunked_prefill_size"]))
 
     @route("/generate", http_method=["POST", "PUT"], status_code=200)
     async def generate(request: Request) -> Any:
         obj = await decode_body(request, GenerateReqInput)
+        require_kind("/generate", kind, (GENERATION,))
         reqs, is_batch = tm.parse(obj)
         if obj.stream:
             return sse(tm.stream_all(reqs, is_batch))
@@ -166,6 +173,7 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
 
     async def openai_call(request: Request, schema: type, build: Any, run: Any, chat: bool) -> Any:
         obj = await decode_body(request, schema)
+        require_kind(request.url.path, kind, (GENERATION,))
         reqs = build(obj)
         if obj.stream:
             return sse(oai.stream(reqs, chat=chat))
@@ -178,6 +186,29 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request) -> Any:
         return await openai_call(request, ChatCompletionRequest, oai.chat_requests, oai.chat, chat=True)
+
+    async def answer(request: Request, work: Any) -> Response:
+        result = await unless_disconnected(request, work)
+        return Response(content=b"", status_code=499) if result is None else json_response(result)
+
+    @route(["/encode", "/classify"], http_method=["POST", "PUT"], status_code=200)
+    async def encode(request: Request) -> Response:
+        obj = await decode_body(request, EncodeReqInput)
+        return await answer(request, pooled.encode(obj, request.url.path))
+
+    @post("/v1/embeddings", status_code=200)
+    async def embeddings(request: Request) -> Response:
+        return await answer(request, pooled.embeddings(await decode_body(request, EmbeddingRequest)))
+
+    @post("/v1/rerank", status_code=200)
+    async def rerank(request: Request) -> Response:
+        return await answer(request, pooled.rerank(await decode_body(request, RerankRequest)))
+
+    @post("/v1/score", status_code=200)
+    async def score_items(request: Request) -> Response:
+        obj = await decode_body(request, ScoreRequest)
+        require_kind("/v1/score", kind, (GENERATION,))
+        return await answer(request, score(tm, obj, served_name))
 
     @get("/v1/models")
     async def models() -> Response:
@@ -205,6 +236,7 @@ def build_app(args: ServerArgs, engine: EngineClient, tm: TokenizerManager, mode
         route_handlers=[
             generate, health, health_generate, get_model_info, get_server_info, get_load,
             flush_cache, abort_request, tokenize, detokenize, completions, chat_completions, models,
+            encode, embeddings, rerank, score_items,
         ],  # fmt: skip
         exception_handlers={BadRequest: on_bad_request, HTTPException: on_http_error},
         on_startup=[start_reader],

@@ -55,6 +55,8 @@ class TokenOutput(msgspec.Struct):
     input_logprobs: list[float | None] | None = None
     input_top_logprobs: list[list[tuple[float, int]]] | None = None
     input_ids_logprobs: list[list[tuple[float, int]]] | None = None
+    # Models without generation: the pooled embedding, or the classifier's scores, once the prompt is computed.
+    embedding: list[float] | None = None
 
 
 class StepOutput(msgspec.Struct, tag=True):

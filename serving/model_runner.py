@@ -20,9 +20,8 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> tuple[Tensor, dict[int, Tensor]]:
-        """Logits [B, vocab] (float32) at each request's last new token, and for requests that
-        asked for input logprobs, the logits of the prompt positions this step scores (Req.input_rows)."""
+    def hidden_states(self, batch: ScheduledBatch) -> tuple[Tensor, list[int]]:
+        """The model's output rows [T, hidden] (padding rows may follow) and each request's new-token count."""
         ids, positions, slots, lens, ext = [], [], [], [], []
         for req, extend in zip(batch.reqs, batch.extends):
             start = req.kv_len
@@ -39,6 +38,14 @@ class ModelRunner:
             (self.pool.k, self.pool.v),
             meta,
         )
+        return hidden, ext
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> tuple[Tensor, dict[int, Tensor]]:
+        """Logits [B, vocab] (float32) at each request's last new token, and for requests that
+        asked for input logprobs, the logits of the prompt positions this step scores (Req.input_rows)."""
+        hidden, ext = self.hidden_states(batch)
+        dev = self.device
         last = torch.tensor(ext, device=dev).cumsum(0) - 1
         prompt_logits, offset = {}, 0
         for i, (req, n) in enumerate(zip(batch.reqs, ext)):

@@ -41,6 +41,7 @@ class Scheduler:
         eos_ids: set[int],
         context_len: int,
         decode: Callable[[list[int]], str],
+        split_prompts: bool = True,
     ):
         self.pool = pool
         self.cache = cache
@@ -51,6 +52,8 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.context_len = context_len
         self.decode = decode
+        # Pooled requests (embeddings, classifiers) need every token in one forward: never chunked.
+        self.split_prompts = split_prompts
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.total_retractions = 0
@@ -118,6 +121,10 @@ class Scheduler:
             if node is not None:
                 self.cache.inc_lock(node)  # before measuring: locked slots are no longer evictable
             n = min(req.num_tokens - len(prefix), budget)
+            if not self.split_prompts and n < req.num_tokens - len(prefix):
+                if node is not None:
+                    self.cache.dec_lock(node)
+                break
             req.kv_len = len(prefix)
             if reserved + self._future(req) > self.available():
                 req.kv_len = 0

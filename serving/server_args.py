@@ -42,6 +42,12 @@ class ServerArgs:
     compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch bucket to compile (narrows the profile)")
     disable_cuda_graph: bool = _opt(False, "on CUDA, run compiled decode steps without replaying captured CUDA graphs")
+    is_embedding: bool = _opt(False, "serve a decoder (Llama, Qwen2) as an embedding model: /encode, /v1/embeddings, no /generate")
+    pooling_method: str | None = _opt(
+        None, "embedding pooling (default: the checkpoint's sentence-transformers files, else cls for encoders, last for decoders)",
+        choices=["mean", "cls", "last"],
+    )  # fmt: skip
+    normalize_embeddings: str | None = _opt(None, "L2-normalise embeddings (default: the checkpoint's modules.json, else true)", choices=["true", "false"])
 
     @classmethod
     def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,22 +64,14 @@ def server_port() -> int:
     return _free_port()
 
 
-@pytest.fixture(scope="session")
-def kiln_server(server_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Starts `kiln serve` on 127.0.0.1, waits for GET /health == 200, yields the base URL."""
+@contextmanager
+def serve_kiln(port: int, extra_args: list[str], log_dir: Path) -> Iterator[str]:
+    """Runs `kiln serve` on 127.0.0.1:port with extra_args, waits for GET /health == 200, yields the base URL."""
     exe = Path(sys.executable).with_name("kiln")
     if not exe.exists():
         pytest.fail(f"the kiln executable is not next to the interpreter: {exe} is missing")
-    cmd = [
-        str(exe), "serve",
-        "--host", "127.0.0.1",
-        "--port", str(server_port),
-        "--dtype", "float32",
-        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
-        "--max-running-requests", str(MAX_RUNNING_REQUESTS),
-        "--disable-compile",
-    ]  # fmt: skip
-    log_path = tmp_path_factory.mktemp("kiln_server") / "server.log"
+    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    log_path = log_dir / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Idle OpenMP workers sleep instead of spinning: on a small CI box shared with
     # other processes, spinning workers made each decode step 10x slower or worse.
@@ -88,7 +81,7 @@ def kiln_server(server_port: int, tmp_path_factory: pytest.TempPathFactory) -> I
             cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
         )  # fmt: skip
-    base_url = f"http://127.0.0.1:{server_port}"
+    base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -105,6 +98,25 @@ def kiln_server(server_port: int, tmp_path_factory: pytest.TempPathFactory) -> I
         yield base_url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def kiln_server(server_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The default model in float32, eager, on a small KV pool."""
+    args = [
+        "--dtype", "float32",
+        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
+        "--max-running-requests", str(MAX_RUNNING_REQUESTS),
+        "--disable-compile",
+    ]  # fmt: skip
+    with serve_kiln(server_port, args, tmp_path_factory.mktemp("kiln_server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def launch_kiln(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], Any]:
+    """For tests that need another model: `with launch_kiln(args) as url:` serves it on a free port."""
+    return lambda args: serve_kiln(_free_port(), args, tmp_path_factory.mktemp("kiln_server"))
 
 
 @pytest.fixture(scope="session")
