@@ -41,6 +41,7 @@ class ServerArgs:
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
     compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch bucket to compile (narrows the profile)")
+    constrained_json_disable_any_whitespace: bool = _opt(False, "json_schema output uses compact separators instead of allowing any whitespace")
 
     @classmethod
     def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:
