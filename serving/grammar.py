@@ -18,6 +18,9 @@ from kiln.serving.sampling_params import SamplingParams
 KINDS = ("json_schema", "regex", "ebnf")
 ANY_JSON = "$$ANY$$"  # SGLang's json_schema for "any JSON value"
 CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped first
+# Between JSON tokens any whitespace is allowed (as in SGLang), but a run is capped: small models
+# otherwise fall into emitting whitespace until max_new_tokens.
+MAX_JSON_WHITESPACE = 16
 
 # xgrammar's C++ errors start with a timestamp, a source location and sometimes a failed check.
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -78,7 +81,9 @@ class GrammarCompiler:
         if kind == "json_schema":
             if text == ANY_JSON:
                 return self.compiler.compile_builtin_json_grammar()
-            return self.compiler.compile_json_schema(text, any_whitespace=self.any_whitespace)
+            if not self.any_whitespace:
+                return self.compiler.compile_json_schema(text, any_whitespace=False)
+            return self.compiler.compile_json_schema(text, any_whitespace=True, max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if kind == "regex":
             return self.compiler.compile_regex(text)
         return self.compiler.compile_grammar(text)
