@@ -72,3 +72,20 @@ def test_retracted_constrained_requests_resume_their_grammar(core):
     assert [together[str(i)] for i in range(6)] == alone
     assert all(r["finish"]["type"] in ("stop", "length") for r in alone)
     assert core.pool.free_slots == core.pool.size
+
+
+def test_abort_of_queued_running_and_compiling_requests(core):
+    p = SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True)
+    for i in range(7):  # one more than max_running_requests: r6 waits
+        core.add(GenerateRequest(f"r{i}", [1, 2, 3 + i], p))
+    core.add(GenerateRequest("g", [1, 2, 3], SamplingParams(max_new_tokens=50, regex="x{1,40}y")))
+    core.step()
+    core.step()
+    assert {r.rid for r in core.scheduler.running} == {f"r{i}" for i in range(6)}
+    queued = {o.rid: o.finish_reason for o in core.abort("r6")}
+    assert queued == {"r6": {"type": "abort", "message": "Abort before prefill"}}
+    running = {o.rid: o for o in core.abort("r0")}
+    assert running["r0"].finish_reason == {"type": "abort", "message": "Abort in decode"}
+    rest = {o.rid: o.finish_reason["type"] for o in core.abort("")}
+    assert rest == {rid: "abort" for rid in ["r1", "r2", "r3", "r4", "r5", "g"]}
+    assert not core.has_work and core.pool.free_slots == core.pool.size
