@@ -3,11 +3,13 @@
 import logging
 import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import torch
+import xgrammar as xgr
 
 from kiln.compiler.cache import cache_key, use_cache_dir
 from kiln.compiler.compiled_model import CompiledModel
@@ -17,6 +19,8 @@ from kiln.models.bert import BertModel
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
 from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
+from kiln.serving.grammar import GrammarCompiler, grammar_key
+from kiln.serving.grammar_mask import GrammarMask
 from kiln.serving.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest, TokenOutput
 from kiln.serving.model_runner import ModelRunner
@@ -104,6 +108,9 @@ class EngineCore:
         self.compiled = None if args.disable_compile else self._compile(profile)
         self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
+        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids, not args.constrained_json_disable_any_whitespace)
+        self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
+        self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
 
     def _pooling_config(self) -> PoolingConfig:
         default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)
@@ -133,7 +140,7 @@ class EngineCore:
             "architectures": self.cfg.architectures,
             "model_kind": self.kind,
             "num_running_reqs": len(self.scheduler.running),
-            "num_waiting_reqs": len(self.scheduler.waiting),
+            "num_waiting_reqs": len(self.scheduler.waiting) + len(self.compiling),
             "free_slots": self.pool.free_slots,
             "available_slots": self.scheduler.available(),
             "cached_tokens_in_tree": self.scheduler.cache.total_size() if self.scheduler.cache else 0,
@@ -149,39 +156,69 @@ class EngineCore:
         if req.remaining_tokens() > self.pool.size:
             req.finish_reason = {"type": "abort", "message": f"request needs {req.remaining_tokens()} KV slots; the pool has {self.pool.size}"}
             return [self._output(req)]
-        self.scheduler.add(req)
+        key = grammar_key(msg.params)
+        if key is None:
+            self.scheduler.add(req)
+        else:
+            self.compiling.append((req, self.grammars.compile(key)))
         return []
+
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Hands requests whose grammar is compiled to the scheduler; a grammar that failed finishes its request."""
+        if self.compiling and not self.scheduler.has_work:
+            wait([f for _, f in self.compiling], timeout=0.05, return_when=FIRST_COMPLETED)  # rather than spin
+        outputs, still = [], []
+        for req, future in self.compiling:
+            if not future.done():
+                still.append((req, future))
+            elif future.exception() is not None:
+                req.finish_reason = {"type": "abort", "message": f"Invalid grammar: {future.exception()}"}
+                outputs.append(self._output(req))
+            else:
+                req.grammar = xgr.GrammarMatcher(future.result())
+                self.scheduler.add(req)
+        self.compiling = still
+        return outputs
 
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()
 
     def abort(self, rid: str) -> list[TokenOutput]:
-        return [self._output(r) for r in self.scheduler.abort(rid)]
+        hit = [r for r, _ in self.compiling if not rid or r.rid == rid]
+        self.compiling = [(r, f) for r, f in self.compiling if r not in hit]
+        for req in hit:
+            req.finish_reason = {"type": "abort", "message": "Abort before prefill"}
+        return [self._output(r) for r in hit + self.scheduler.abort(rid)]
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.compiling)
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
+        failed = self._admit_compiled()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return failed
         if self.kind != GENERATION:
-            return self._pooled_step(batch)
+            return failed + self._pooled_step(batch)
+        # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
+        ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
+        reqs = [batch.reqs[i] for i in ready]
+        mask = self.masks.start(reqs)
         logits, prompt_logits = self.runner.forward(batch)
         for i, rows in prompt_logits.items():
             record_input_logprobs(batch.reqs[i], torch.log_softmax(rows, dim=-1), len(batch.extends[i]))
-        # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
-        ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         next_ids = [-1] * len(batch.reqs)
         logprobs = None
         if ready:
-            rows, reqs = logits[ready], [batch.reqs[i] for i in ready]
+            rows = logits[ready]
             if any(r.logprob for r in reqs):
-                # Logprobs of the model's own distribution: before penalties, temperature and filtering.
+                # Logprobs of the model's own distribution: before penalties, grammar, temperature and filtering.
                 logprobs = torch.log_softmax(rows, dim=-1)
             apply_penalties(rows, reqs, self.eos_ids)
+            if mask is not None:
+                self.masks.apply(rows, mask)
             for i, tok in zip(ready, sample(rows, reqs)):
                 next_ids[i] = tok
         before = [len(r.output_ids) for r in batch.reqs] if logprobs is not None else []
@@ -191,7 +228,7 @@ class EngineCore:
                 req = batch.reqs[i]
                 if req.logprob and len(req.output_ids) > before[i]:
                     record_logprobs(req, logprobs[j], next_ids[i])
-        return [self._output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
+        return failed + [self._output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
 
     def _pooled_step(self, batch: ScheduledBatch) -> list[TokenOutput]:
         """Models without generation: one vector per request (all computed whole), and they are done."""

@@ -84,4 +84,5 @@ class ChatCompletionRequest(msgspec.Struct):
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: bool = False
+    top_logprobs: int | None = None
     user: str | None = None

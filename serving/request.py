@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import xgrammar as xgr
 
 from kiln.serving.messages import LogprobRequest
 from kiln.serving.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class Req:
         self.stop_ids = set(params.stop_token_ids or [])
         self.stop_strs = params.stop_strings
         self.max_stop_len = max((len(s) for s in self.stop_strs), default=0)
+        self.grammar: xgr.GrammarMatcher | None = None  # set by the engine for json_schema, regex, ebnf
 
     @property
     def all_ids(self) -> list[int]:
@@ -77,11 +79,22 @@ class Req:
         """Whether K/V are still missing for more than the newest token (a prompt, or a recompute)."""
         return self.num_tokens - self.kv_len > 1
 
+    def append_output(self, token: int) -> None:
+        """Records a sampled token; a grammar advances with it (so a recomputed request never replays it)."""
+        self.output_ids.append(token)
+        if self.grammar is not None and not self.grammar.accept_token(token):
+            self.finish_reason = {"type": "abort", "message": f"token {token} is not allowed by the request's grammar"}
+
     def check_finished(self, eos_ids: set[int], context_len: int, decode: Callable[[list[int]], str]) -> None:
-        """Applies SGLang's order: length, then stop tokens, then stop strings."""
+        """Applies SGLang's order: length, then a completed grammar, then stop tokens, then stop strings."""
         p = self.params
+        if self.finished:
+            return
         if len(self.output_ids) >= p.max_new_tokens or len(self.input_ids) + len(self.output_ids) >= context_len:
             self.finish_reason = {"type": "length", "length": len(self.output_ids)}
+            return
+        if self.grammar is not None and self.grammar.is_terminated():
+            self.finish_reason = {"type": "stop", "matched": self.output_ids[-1]}
             return
         if len(self.output_ids) < p.min_new_tokens:
             return

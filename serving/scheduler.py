@@ -159,7 +159,7 @@ class Scheduler:
             if req.params.max_new_tokens == 0:
                 req.finish_reason = {"type": "length", "length": 0}
             else:
-                req.output_ids.append(tok)
+                req.append_output(tok)
                 req.check_finished(self.eos_ids, self.context_len, self.decode)
             if req.finished:
                 self._release(req)

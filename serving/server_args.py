@@ -48,6 +48,7 @@ class ServerArgs:
         choices=["mean", "cls", "last"],
     )  # fmt: skip
     normalize_embeddings: str | None = _opt(None, "L2-normalise embeddings (default: the checkpoint's modules.json, else true)", choices=["true", "false"])
+    constrained_json_disable_any_whitespace: bool = _opt(False, "json_schema output uses compact separators instead of allowing any whitespace")
 
     @classmethod
     def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:

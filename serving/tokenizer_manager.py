@@ -11,6 +11,7 @@ import msgspec
 from transformers import PreTrainedTokenizerBase
 
 from kiln.serving.engine_client import EngineClient
+from kiln.serving.grammar import check_grammar, grammar_key
 from kiln.serving.messages import GenerateRequest, LogprobRequest
 from kiln.serving.protocol import GenerateReqInput
 from kiln.serving.sampling_params import SamplingParams
@@ -133,12 +134,13 @@ class TokenizerManager:
         try:
             params = msgspec.convert(raw, SamplingParams)
             params.validate(self.vocab_size)
+            key = grammar_key(params)
+            if key is not None:
+                check_grammar(*key)  # a GrammarError is a ValueError: the compiler's message as a 400
         except msgspec.ValidationError as exc:
             raise BadRequest(f"Invalid sampling_params: {exc}") from exc
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-        if params.json_schema is not None or params.regex is not None or params.ebnf is not None:
-            raise BadRequest("Structured output (json_schema, regex, ebnf) is not supported by this server yet.")
         return params
 
     def _rids(self, rid: Any, count: int, is_batch: bool) -> list[str]:
