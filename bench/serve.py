@@ -79,9 +79,9 @@ def print_report(runs: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> No
         for f in m["failures"][:5]:
             print(f"    failed: {f}")
     if ratios:
-        print(f"\n{"ratio":48}{'conc':>5}{'output tok/s':>14}{'TTFT median':>13}")
+        print(f"\n{'ratio':48}{'conc':>5}{'output tok/s':>14}{'TTFT median':>13}")
         for q in ratios:
-            print(f"{q["label"]:48}{q['concurrency'] or '-':>5}{q['output_tok_s']:>13.2f}x{q['ttft_median']:>12.2f}x")
+            print(f"{q['label']:48}{q['concurrency'] or '-':>5}{q['output_tok_s']:>13.2f}x{q['ttft_median']:>12.2f}x")
         print("(output tok/s: first peer / other; TTFT median: other / first peer; above 1 favours the first peer)")
 
 
