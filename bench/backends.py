@@ -28,9 +28,18 @@ async def _events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         yield json.loads(data)
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], result: RequestResult, count: Callable[[dict[str, Any]], int | None]) -> RequestResult:
-    """POSTs `body` and fills `result`; `count` gives the output tokens so far from a chunk (None: no tokens in it)."""
+async def _stream(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], result: RequestResult,
+    count: Callable[[dict[str, Any]], int | None], finished: Callable[[dict[str, Any]], bool],
+) -> RequestResult:  # fmt: skip
+    """POSTs `body` and fills `result`; `count` gives the output tokens so far from a chunk (None: no tokens in it).
+
+    A stream that ends without a chunk that `finished` recognises is a failure: a server that cuts
+    requests short (llama-cpp-python interrupts a stream when another request arrives) must not
+    pass for one that served them.
+    """
     start = time.perf_counter()
+    done = False
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
@@ -43,13 +52,29 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], res
                 n = count(event)
                 if n is not None:
                     result.chunks.append((time.perf_counter() - start, n))
+                done = done or finished(event)
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     finally:
         result.latency = time.perf_counter() - start
+    if not done:
+        result.error = f"the stream ended without a finish reason, after {result.output_len} output tokens"
+        return result
     result.success = True
     return result
+
+
+def _native_tokens(event: dict[str, Any]) -> int:
+    return event["meta_info"]["completion_tokens"]
+
+
+def _native_finished(event: dict[str, Any]) -> bool:
+    return event["meta_info"]["finish_reason"] is not None
+
+
+def _openai_finished(event: dict[str, Any]) -> bool:
+    return any(c.get("finish_reason") for c in event.get("choices", []))
 
 
 def native(base_url: str, extra_body: dict[str, Any] | None = None) -> Send:
@@ -59,7 +84,7 @@ def native(base_url: str, extra_body: dict[str, Any] | None = None) -> Send:
         params = {"temperature": 0, "max_new_tokens": req.output_len, "ignore_eos": True}
         body = {"input_ids": req.prompt_ids, "sampling_params": params, "stream": True, **(extra_body or {})}
         result = RequestResult(prompt_len=len(req.prompt_ids))
-        return await _stream(client, f"{base_url}/generate", body, result, lambda e: e["meta_info"]["completion_tokens"])
+        return await _stream(client, f"{base_url}/generate", body, result, _native_tokens, _native_finished)
 
     return send
 
@@ -81,7 +106,7 @@ def openai_completions(base_url: str, model: str, tokenizer: PreTrainedTokenizer
             text += delta
             return len(text)  # characters for now; turned into tokens once the stream is over
 
-        await _stream(client, f"{base_url}/v1/completions", body, result, count)
+        await _stream(client, f"{base_url}/v1/completions", body, result, count, _openai_finished)
         # Counting tokens per chunk during the stream would slow the client down under load; count them afterwards.
         result.chunks = [(t, len(tokenizer(text[:n], add_special_tokens=False).input_ids)) for t, n in result.chunks]
         return result

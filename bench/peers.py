@@ -45,8 +45,9 @@ def make_peer(spec: str, port: int, dtype: str, checkpoint: Path, gguf: Path, eo
         if importlib.util.find_spec("llama_cpp") is None:
             raise SystemExit('llama.cpp peer: llama_cpp is not installed (pip install "llama-cpp-python[server]", or the [bench] extra)')
         threads = str(os.cpu_count() or 1)
-        cmd = [py, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", threads]
-        # The server has no ignore_eos; a bias that rules EOS out makes every request run to max_tokens too.
+        # --interrupt_requests False: by default the server cuts a running stream short when another request arrives.
+        cmd = [py, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", threads, "--interrupt_requests", "False"]
+        # It has no ignore_eos; a bias that rules EOS out makes every request run to max_tokens too.
         return Peer(spec, cmd, "/v1/models", "openai", {"logit_bias": {str(eos_id): -100.0}})
     raise SystemExit(f"unknown peer {spec!r}: use kiln, kiln[FLAGS], transformers, transformers-batched or llama.cpp")
 
