@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt
 def plot_serve(result: dict[str, Any], path: Path) -> None:
     peers = list(dict.fromkeys(r["peer"] for r in result["runs"]))
     panels = [("output tok/s", None), ("TTFT ms", "ttft"), ("ITL ms", "itl"), ("E2E latency ms", "e2e")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8))
+    axes = list(grid.flat)
+    levels = sorted({r["concurrency"] for r in result["runs"] if r["concurrency"]})
     for ax, (title, key) in zip(axes, panels):
         for i, peer in enumerate(peers):
             runs = [r for r in result["runs"] if r["peer"] == peer and r["concurrency"]]
@@ -25,6 +27,7 @@ def plot_serve(result: dict[str, Any], path: Path) -> None:
             ax.plot(xs, [r["metrics"][key]["p99_ms"] for r in runs], "x--", color=colour, label=f"{peer} p99")
             ax.set_yscale("log")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("max concurrency")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
