@@ -15,10 +15,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +25,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import kiln
+from kiln.bench.common import RESULTS, machine, source_version
 from kiln.models.loader import resolve_checkpoint
 from kiln.serving.server_args import ServerArgs
 
-RESULTS = Path(__file__).parent / "results"
 BATCH = 32
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
@@ -194,34 +191,6 @@ def bench_transformers(
 
 
 # ---- report ----
-
-
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "cpu": model,
-        "cpus": CPUS,
-        "avx512_bf16": " avx512_bf16" in cpuinfo,
-        "amx_bf16": " amx_bf16" in cpuinfo,
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def source_version() -> dict[str, Any]:
-    """The commit measured, and whether the working tree differed from it."""
-    git = ["git", "-C", str(Path(__file__).parent)]
-    try:
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The `kiln` command: `kiln serve` starts the engine process, then the HTTP server."""
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -42,19 +43,30 @@ def warm(argv: list[str]) -> int:
     return 0
 
 
+BENCHMARKS = {"serve": "kiln.bench.serve", "offline": "kiln.bench.offline", "one-batch": "kiln.bench.one_batch"}
+
+
+def bench(argv: list[str]) -> int:
+    """`kiln bench serve|offline|one-batch ...`: runs that benchmark's main with the rest of the arguments."""
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: kiln bench {{{','.join(BENCHMARKS)}}} [--help | options]", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: serve language models over SGLang's HTTP API")
     parser.add_argument(
         "command",
-        choices=["serve", "warm"],
-        help="serve: start the HTTP server; warm: fill the compile cache and exit (kiln <command> --help)",
+        choices=["serve", "warm", "bench"],
+        help="serve: start the HTTP server; warm: fill the compile cache and exit; bench: serve|offline|one-batch benchmarks (kiln <command> --help)",
     )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
     ns, rest = parser.parse_known_args(argv[:1])
-    return {"serve": serve, "warm": warm}[ns.command](argv[1:])
+    return {"serve": serve, "warm": warm, "bench": bench}[ns.command](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Prefill and decode latency of one fixed batch, and the memory bandwidth decode achieves (gpt-fast style).
+
+    kiln bench one-batch [--batch-sizes 1,8] [--input-len 128] [--output-len 32] [--dtype auto] [--disable-compile]
+
+An engine runs in this process. Prefill is the time until every request of the batch has its first
+token; a decode step is the mean time of the steps after that. Decode must read every weight once per
+step plus each request's K/V so far, so achieved bandwidth = (weight bytes + KV bytes read per step) /
+step time, printed beside the machine's own read bandwidth, measured here by summing a large tensor.
+"""
+
+import argparse
+import json
+import random
+import time
+from typing import Any
+
+import torch
+
+from kiln.bench.common import RESULTS, machine, source_version
+from kiln.serving.engine_core import EngineCore
+from kiln.serving.kv_pool import KVPool
+from kiln.serving.messages import GenerateRequest
+from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.server_args import ServerArgs
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of the fastest of `repeats` sums over a float32 tensor of `gib` GiB (too big for any cache)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def run_batch(core: EngineCore, batch: int, input_len: int, output_len: int, seed: int) -> tuple[float, list[float]]:
+    """Prefill seconds and the seconds of every decode step, for `batch` random prompts decoded greedily together."""
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0, max_new_tokens=output_len, ignore_eos=True)
+    for i in range(batch):
+        core.add(GenerateRequest(f"{seed}-{i}", [rng.randrange(1000, 40000) for _ in range(input_len)], params))
+    started: set[str] = set()
+    t0 = time.perf_counter()
+    while len(started) < batch:
+        started |= {o.rid for o in core.step() if o.new_ids}
+    prefill = time.perf_counter() - t0
+    steps = []
+    while core.has_work:
+        t0 = time.perf_counter()
+        core.step()
+        steps.append(time.perf_counter() - t0)
+    return prefill, steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kiln bench one-batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    ap.add_argument("--disable-compile", action="store_true")
+    ap.add_argument("--out", help="JSON results (default bench/results/one_batch-<dtype>.json)")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+    bandwidth = memory_bandwidth()
+    core = EngineCore(ServerArgs(dtype=args.dtype, max_total_tokens=max(batches) * (args.input_len + args.output_len) + 64, max_running_requests=max(batches), disable_compile=args.disable_compile))
+    dtype = str(core.dtype).removeprefix("torch.")
+    weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
+    per_token = KVPool.bytes_per_token(core.cfg.num_hidden_layers, core.cfg.num_key_value_heads, core.cfg.head_dim, core.dtype)
+    run_batch(core, 2, 16, 4, seed=-1)  # first-call costs out of the timed runs
+    print(f"machine read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor); weights {weights / 1e6:.0f} MB in {dtype}; KV {per_token} B/token")
+    print(f"\n{'batch':>5} {'prefill ms':>11} {'decode ms/step':>15} {'tok/s':>8} {'GB/step':>8} {'GB/s':>7} {'of machine':>11} {'bound tok/s':>12}")
+    rows = []
+    for b in batches:
+        prefill, steps = run_batch(core, b, args.input_len, args.output_len, seed=b)
+        step = sum(steps) / len(steps)
+        # Step j of decode attends over input_len + j tokens per request; the mean over the steps:
+        kv = b * per_token * (args.input_len + (len(steps) + 1) / 2)
+        moved = weights + kv
+        row = {
+            "batch": b,
+            "prefill_ms": prefill * 1000,
+            "decode_step_ms": step * 1000,
+            "decode_tok_s": b / step,
+            "bytes_per_step": moved,
+            "achieved_gb_s": moved / step / 1e9,
+            "fraction_of_machine": moved / step / bandwidth,
+            "bound_tok_s": b * bandwidth / moved,
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"{b:>5} {row['prefill_ms']:>11.1f} {row['decode_step_ms']:>15.2f} {row['decode_tok_s']:>8.1f} {moved / 1e9:>8.3f}"
+            f" {row['achieved_gb_s']:>7.1f} {row['fraction_of_machine']:>10.0%} {row['bound_tok_s']:>12.1f}"
+        )
+    result: dict[str, Any] = {
+        "benchmark": "one_batch",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dtype": dtype,
+        "compiled": not args.disable_compile,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "machine_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weights,
+        "kv_bytes_per_token": per_token,
+        "rows": rows,
+        "machine": machine(),
+        "source": source_version(),
+    }
+    out = RESULTS / f"one_batch-{dtype}.json" if args.out is None else args.out
+    RESULTS.mkdir(exist_ok=True)
+    with open(out, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
