@@ -120,6 +120,12 @@ def handler(worker: Worker) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    # The default listen backlog of 5 resets connections when dozens of requests arrive at once.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kiln.bench.hf_server", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder")
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
     worker = Worker(args.model, args.dtype, args.mode == "batched")
-    ThreadingHTTPServer((args.host, args.port), handler(worker)).serve_forever()
+    Server((args.host, args.port), handler(worker)).serve_forever()
 
 
 if __name__ == "__main__":

@@ -104,13 +104,17 @@ def ratios_against_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep(name: str, send: Send, args: argparse.Namespace, prompts: list[BenchRequest], cap: int | None) -> list[dict[str, Any]]:
+    """Warm-up, then one run per concurrency level. Each level and the warm-up get prompts of their own, so a
+    server with a prefix cache gains nothing from having seen a prompt in an earlier run."""
     warm = [BenchRequest(r.prompt, r.prompt_ids, min(r.output_len, 16)) for r in prompts[: args.warmup_requests]]
     for req in warm:  # one at a time: first-request costs (allocations, lazy compilation) out of the timed runs
         asyncio.run(run_load(send, [req], math.inf, 1, args.seed))
     runs = []
-    for level, n in zip(args.levels, args.counts):
-        n = min(n, cap) if cap else n
-        results, duration = asyncio.run(run_load(send, prompts[:n], args.request_rate, level, args.seed))
+    start = args.warmup_requests
+    for level, count in zip(args.levels, args.counts):
+        n = min(count, cap) if cap else count
+        results, duration = asyncio.run(run_load(send, prompts[start : start + n], args.request_rate, level, args.seed))
+        start += count
         metrics = summarize(results, duration)
         runs.append({"peer": name, "concurrency": level, "request_rate": args.request_rate, "num_prompts": n, "metrics": metrics})
         print(f"{name} concurrency {level or '-'}: {metrics['succeeded']}/{metrics['sent']} ok, {metrics['output_tok_s']:.1f} output tok/s, {duration:.1f} s", flush=True)
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = resolve_checkpoint(None, Path(ServerArgs().cache_dir))
     tokenizer = load_tokenizer(str(checkpoint))
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
-    prompts = make_dataset(args, tokenizer, max(args.counts))
+    prompts = make_dataset(args, tokenizer, args.warmup_requests + sum(args.counts))
     started = datetime.now(timezone.utc)
     runs: list[dict[str, Any]] = []
     if args.base_url:
