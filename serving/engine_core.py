@@ -108,7 +108,12 @@ class EngineCore:
         self.compiled = None if args.disable_compile else self._compile(profile)
         self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
-        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids, not args.constrained_json_disable_any_whitespace)
+        # Only generation has grammars (and a stop token for xgrammar to end on).
+        self.grammars = (
+            GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids, not args.constrained_json_disable_any_whitespace)
+            if self.kind == GENERATION
+            else None
+        )
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
 
@@ -156,7 +161,7 @@ class EngineCore:
         if req.remaining_tokens() > self.pool.size:
             req.finish_reason = {"type": "abort", "message": f"request needs {req.remaining_tokens()} KV slots; the pool has {self.pool.size}"}
             return [self._output(req)]
-        key = grammar_key(msg.params)
+        key = grammar_key(msg.params) if self.grammars else None
         if key is None:
             self.scheduler.add(req)
         else:
