@@ -76,12 +76,13 @@ class CompiledModel:
             # Inference-mode tensors like the runner's (Dynamo guards on dispatch keys),
             # and distinct ones (it guards on aliasing between inputs too).
             with torch.inference_mode():
-                ids, pos, slots, reqs, lens, ext, starts = (torch.zeros(size, dtype=torch.int64, device=device) for _ in range(7))
+                ids, pos = (torch.zeros(size, dtype=torch.int64, device=device) for _ in range(2))
+                meta = AttentionMetadata.padding(size, req_to_token)
                 if self.stats.traces == 0:
-                    for t in (ids, pos, slots, reqs, lens, ext, starts):
+                    per_row = (meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
+                    for t in (ids, pos, *per_row):
                         torch._dynamo.mark_dynamic(t, 0)
-                longest = torch.zeros(1, dtype=torch.int64)
-                self._compiled(ids, pos, kv, AttentionMetadata(slots, req_to_token, reqs, lens, ext, starts, longest))
+                self._compiled(ids, pos, kv, meta)
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self._run, kv, req_to_token)
@@ -103,8 +104,8 @@ class CompiledModel:
         self.stats.graph_sizes = frozenset(sizes)
         for size in sorted(sizes, reverse=True):
             self.stats.capture_pool = torch.cuda.graph_pool_handle()
-            ids, pos, slots, reqs, lens, ext, starts = (torch.zeros(size, dtype=torch.int64, device=kv[0].device) for _ in range(7))
-            self._run(ids, pos, kv, AttentionMetadata(slots, req_to_token, reqs, lens, ext, starts, torch.zeros(1, dtype=torch.int64)))
+            ids, pos = (torch.zeros(size, dtype=torch.int64, device=kv[0].device) for _ in range(2))
+            self._run(ids, pos, kv, AttentionMetadata.padding(size, req_to_token))
         self.stats.capture_pool = None
         torch.cuda.synchronize()
         self.piece_graph_bytes = free - torch.cuda.mem_get_info()[0]

@@ -41,18 +41,10 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
 
     def _static_inputs(self, size: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
-        dev = self.req_to_token.device
-        zeros = lambda: torch.zeros(size, dtype=torch.int64, device=dev)  # noqa: E731
-        meta = AttentionMetadata(
-            out_slots=zeros(),
-            req_to_token=self.req_to_token,
-            req_indices=zeros(),
-            seq_lens=zeros(),
-            extend_lens=zeros(),
-            extend_starts=torch.arange(size, dtype=torch.int64, device=dev),
-            max_extend_len=torch.ones(1, dtype=torch.int64),
-        )
-        return zeros(), zeros(), meta
+        # Decode attention takes row b as request b, so extend_starts and max_extend_len
+        # (both unread there) stay as padding has them.
+        ids, pos = (torch.zeros(size, dtype=torch.int64, device=self.req_to_token.device) for _ in range(2))
+        return ids, pos, AttentionMetadata.padding(size, self.req_to_token)
 
     @torch.inference_mode()
     def capture(self, sizes: list[int]) -> None:

@@ -65,6 +65,14 @@ class AttentionMetadata:
         )
 
 
+    @classmethod
+    def padding(cls, size: int, req_to_token: Tensor) -> "AttentionMetadata":
+        """`size` padding rows and padding requests (no tokens, slot 0): the batch that warm-up
+        and graph capture run, and whose buffers a replay overwrites."""
+        zeros = lambda: torch.zeros(size, dtype=torch.int64, device=req_to_token.device)  # noqa: E731
+        return cls(zeros(), req_to_token, zeros(), zeros(), zeros(), zeros(), torch.zeros(1, dtype=torch.int64))
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

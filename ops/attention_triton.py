@@ -236,12 +236,12 @@ def decode_triton(
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     splits = triton.next_power_of_2(max(1, min(16, -(-2 * _multiprocessors(q.device) // max(batch * kv_heads, 1)))))
-    block_d = _block_d(head_dim)
-    mid_o = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    block_d = _block_d(head_dim)
+    mid_o = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     ieee = _ieee_dots(q, k_cache)
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, req_to_token, req_indices, seq_lens, mid_o, mid_lse,

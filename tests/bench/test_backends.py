@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import httpx
-import pytest
 
 from kiln.bench.backends import native, openai_completions
 from kiln.bench.datasets import BenchRequest
