@@ -80,8 +80,10 @@ class CompiledModel:
                 meta = AttentionMetadata.padding(size, req_to_token)
                 if self.stats.traces == 0:
                     per_row = (meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
+                    # Unbacked, not just dynamic: Dynamo specialises a backed size of 1,
+                    # so a bucket of 1 would need a second trace.
                     for t in (ids, pos, *per_row):
-                        torch._dynamo.mark_dynamic(t, 0)
+                        torch._dynamo.decorators.mark_unbacked(t, 0)
                 self._compiled(ids, pos, kv, meta)
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:

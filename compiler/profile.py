@@ -26,8 +26,8 @@ class Profile:
         data = tomllib.loads(text)
         b = data["buckets"]
         decode, prefill = sorted(b["decode_batch_sizes"]), sorted(b["prefill_token_counts"])
-        if min(decode + prefill) < 2:
-            raise ValueError(f"{path}: bucket sizes must be at least 2 (Dynamo specialises sizes 0 and 1)")
+        if min(decode + prefill) < 1:
+            raise ValueError(f"{path}: bucket sizes must be at least 1")
         return cls(
             tuple(decode), tuple(prefill), int(b["chunked_prefill_size"]), dict(data.get("inductor", {})),
             int(b.get("piece_graph_max_tokens", 0)), text,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from kiln.models.config import ModelConfig
 from kiln.models.pooling import span_rows
 from kiln.ops.attention import AttentionMetadata, attention
+from kiln.ops.linear import Linear
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -82,15 +83,15 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
 
 
 class AttentionOutput(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
@@ -112,13 +113,13 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
 
 class Output(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.dense = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
@@ -188,7 +189,7 @@ class BertModel(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
+        self.dense = Linear(hidden, hidden)
 
     def forward(self, cls: Tensor) -> Tensor:
         return torch.tanh(self.dense(cls))
@@ -202,7 +203,7 @@ class BertForSequenceClassification(BertModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.pooler = BertPooler(cfg.hidden_size)
-        self.classifier = nn.Linear(cfg.hidden_size, self.enc_cfg.num_labels)
+        self.classifier = Linear(cfg.hidden_size, self.enc_cfg.num_labels)
 
     def classify(self, hidden: Tensor, lens: list[int]) -> Tensor:
         """[T, hidden] → [B, num_labels] float32 logits from each request's first token."""
@@ -212,8 +213,8 @@ class BertForSequenceClassification(BertModel):
 class XLMRobertaClassificationHead(nn.Module):
     def __init__(self, hidden: int, num_labels: int):
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        self.out_proj = nn.Linear(hidden, num_labels)
+        self.dense = Linear(hidden, hidden)
+        self.out_proj = Linear(hidden, num_labels)
 
     def forward(self, cls: Tensor) -> Tensor:
         return self.out_proj(torch.tanh(self.dense(cls)))

@@ -1,10 +1,11 @@
 """Llama and Qwen2 with a sequence-classification head (reward models): the last token's hidden state → scores."""
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.pooling import span_rows
+from kiln.ops.linear import Linear
 
 
 class LlamaForSequenceClassification(LlamaForCausalLM):
@@ -14,7 +15,7 @@ class LlamaForSequenceClassification(LlamaForCausalLM):
         super().__init__(cfg)
         del self.lm_head
         num_labels = cfg.raw.get("num_labels") or len(cfg.raw.get("id2label") or (0, 1))
-        self.score = nn.Linear(cfg.hidden_size, num_labels, bias=False)
+        self.score = Linear(cfg.hidden_size, num_labels, bias=False)
 
     def classify(self, hidden: Tensor, lens: list[int]) -> Tensor:
         """[T, hidden] → [B, num_labels] float32 scores from each request's last token."""

@@ -137,8 +137,17 @@ def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_le
     return torch.empty_like(q)
 
 
+def _extend_torch(q, k_cache, v_cache, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
+    return extend_torch(q, k_cache, v_cache, req_to_token, req_indices, seq_lens, extend_lens, scale, causal, sliding_window, logit_cap)
+
+
+# Per device type: (store, decode, extend) over one layer's caches, for kiln::attention.
+_KERNELS = {"cpu": (store_kv_torch, decode_torch, _extend_torch)}
+
 if _triton_available():
     from kiln.ops import attention_triton as _tri
+
+    _KERNELS["cuda"] = (_tri.store_kv_triton, _tri.decode_triton, _tri.extend_triton)
 
     @store_kv.register_kernel("cuda")
     def _(k, v, k_cache, v_cache, layer, slots):
@@ -177,16 +186,19 @@ def attention_op(
     logit_cap: float,
 ) -> Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [layers, slots, KVH, D]. Returns [T, H, D]."""
-    store_kv(k, v, k_cache, v_cache, layer, out_slots)
+    # The kernels are called directly rather than through the three ops above: on the
+    # CPU, nested custom-op dispatch costs about as much as decode attention itself.
+    store, decode, extend = _KERNELS["cuda" if q.is_cuda and "cuda" in _KERNELS else "cpu"]
+    kc, vc = k_cache[layer], v_cache[layer]
+    store(k, v, kc, vc, out_slots)
     q = q.contiguous()
     longest = int(max_extend_len[0])
     # A single new token sees every earlier one, causal or not, so decode serves both.
     if longest <= 1 and q.shape[0] == req_indices.shape[0]:
-        return decode_attention(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
-    return extend_attention(
-        q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_lens, extend_starts,
-        longest, scale, causal, sliding_window, logit_cap,
-    )  # fmt: skip
+        return decode(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+    return extend(
+        q, kc, vc, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, longest, scale, causal, sliding_window, logit_cap
+    )
 
 
 @attention_op.register_fake

@@ -44,10 +44,13 @@ def decode_torch(
     logit_cap: float,
 ) -> Tensor:
     """Row b is request b's one new token (rows == requests); requests of length 0 give zeros."""
-    width = max(int(seq_lens.max()), 1)
-    slots = req_to_token[req_indices, :width].long()  # [B, W]
-    keys = k_cache[slots].transpose(1, 2)  # [B, KVH, W, D]
-    vals = v_cache[slots].transpose(1, 2)
+    batch, width = q.shape[0], max(int(seq_lens.max()), 1)
+    # One index_select over flat slots: several times faster than indexing with the [B, W] table.
+    slots = req_to_token[req_indices, :width].flatten().long()
+    keys = k_cache.index_select(0, slots).unflatten(0, (batch, width)).transpose(1, 2)  # [B, KVH, W, D]
+    vals = v_cache.index_select(0, slots).unflatten(0, (batch, width)).transpose(1, 2)
+    if sliding_window <= 0 and int(seq_lens.min()) == width:  # every key seen: no mask to build or apply
+        return _attend(q[:, :, None], keys, vals, None, scale, logit_cap).squeeze(2).to(q.dtype)
     k_pos = torch.arange(width, device=q.device)[None, :]
     seen = k_pos < seq_lens[:, None]
     if sliding_window > 0:

@@ -21,16 +21,16 @@ def test_every_factor_changes_the_key():
 def test_device_profiles_load_and_narrow():
     for device in ("cpu", "cuda"):
         p = Profile.for_device(device)
-        assert list(p.decode_batch_sizes) == sorted(p.decode_batch_sizes) and min(p.decode_batch_sizes) >= 2
+        assert list(p.decode_batch_sizes) == sorted(p.decode_batch_sizes) and min(p.decode_batch_sizes) >= 1
         assert p.chunked_prefill_size <= max(p.prefill_token_counts)
     narrowed = Profile.for_device("cuda").narrowed(32)
     assert max(narrowed.decode_batch_sizes) == 32
 
 
-def test_bucket_sizes_below_two_are_refused(tmp_path):
+def test_empty_buckets_are_refused(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("[buckets]\ndecode_batch_sizes = [1, 2]\nprefill_token_counts = [16]\nchunked_prefill_size = 16\n")
-    with pytest.raises(ValueError, match="at least 2"):
+    bad.write_text("[buckets]\ndecode_batch_sizes = [0, 2]\nprefill_token_counts = [16]\nchunked_prefill_size = 16\n")
+    with pytest.raises(ValueError, match="at least 1"):
         Profile.load(bad)
 
 

@@ -1,0 +1,42 @@
+"""The models' linear layer: oneDNN's GEMM for float32 on the CPU, `F.linear` everywhere else.
+
+For float32 on the CPU, ATen and Inductor send every matmul to MKL, whose small-M GEMM
+(decode: one row per request) reads weights at about half the speed of oneDNN's on AMD
+CPUs, and decode is that read. Inductor uses oneDNN only for weights frozen into the
+graph as constants, which Kiln's are not (one compiled piece serves every layer). So on
+the CPU the GEMM is a custom op, `kiln::linear`: opaque to Dynamo, it runs as it is
+inside compiled pieces. On a GPU, and for other dtypes, plain `F.linear` lets Inductor
+fuse around cuBLAS.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Read once: Dynamo does not trace the query.
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@torch.library.custom_op("kiln::linear", mutates_args=())
+def linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x: [T, in]; weight: [out, in] -> [T, out], by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [None], "")
+
+
+@linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, run by oneDNN for 2-D float32 CPU inputs."""
+    if _HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
+        return linear_op(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and checkpoint names) that calls `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
