@@ -29,7 +29,7 @@ from kiln.ops.attention import attention_op
 
 log = logging.getLogger(__name__)
 
-ATTENTION = attention_op._opoverload
+ATTENTION = attention_op
 
 
 class RecompileError(RuntimeError):
