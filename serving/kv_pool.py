@@ -73,5 +73,8 @@ class KVPool:
         self.req_to_token[row, start : start + len(slots)] = slots.to(self.req_to_token.device, torch.int32)
 
     def free(self, slots: Tensor) -> None:
+        # Freed slots go to the front: the next requests reuse memory already touched (and
+        # cached) instead of spreading over pages never written. On the CPU, first touches
+        # of a large pool made decode steps 1.5x slower.
         if len(slots):
-            self._free_slots = torch.cat([self._free_slots, slots.to("cpu", torch.int64)])
+            self._free_slots = torch.cat([slots.to("cpu", torch.int64), self._free_slots])
