@@ -5,8 +5,8 @@ Dynamo, so the compiler can split the model graph at it. Inside, it stores the
 step's K/V (`kiln::store_kv`) and runs `kiln::decode_attention` when every
 request has at most one new token, else `kiln::extend_attention`. Each of those
 ops has a plain-torch kernel (CPU, `attention_torch.py`) and, where Triton is
-installed, a Triton kernel registered for CUDA (`attention_triton.py`); the
-dispatcher picks by device. Both are tested against `attention_ref.py`.
+installed, a Triton kernel for CUDA (`attention_triton.py`); every op picks by
+device from one table. Both are tested against `attention_ref.py`.
 
 Batch layout: the T query rows are the requests' new tokens back to back
 (request i owns ``extend_lens[i]`` rows from ``extend_starts[i]``), followed by
@@ -16,7 +16,7 @@ tokens are the last ``extend_lens[i]`` of those. Padding rows and padding
 requests (``extend_lens == 0``) write to scratch slot 0 and produce zeros.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +64,6 @@ class AttentionMetadata:
             max_extend_len=torch.tensor([max(extend_lens, default=0)], dtype=torch.int64),
         )
 
-
     @classmethod
     def padding(cls, size: int, req_to_token: Tensor) -> "AttentionMetadata":
         """`size` padding rows and padding requests (no tokens, slot 0): the batch that warm-up
@@ -81,10 +80,27 @@ def _triton_available() -> bool:
     return True
 
 
+def _extend_torch(q, k_cache, v_cache, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
+    return extend_torch(q, k_cache, v_cache, req_to_token, req_indices, seq_lens, extend_lens, scale, causal, sliding_window, logit_cap)
+
+
+# Per device type: (store, decode, extend) over one layer's caches. Every op below picks
+# its kernel here; a GPU without Triton runs the torch ones.
+_KERNELS = {"cpu": (store_kv_torch, decode_torch, _extend_torch)}
+if _triton_available():
+    from kiln.ops import attention_triton as _tri
+
+    _KERNELS["cuda"] = (_tri.store_kv_triton, _tri.decode_triton, _tri.extend_triton)
+
+
+def _kernels(t: Tensor) -> tuple[Callable[..., None], Callable[..., Tensor], Callable[..., Tensor]]:
+    return _KERNELS["cuda" if t.is_cuda and "cuda" in _KERNELS else "cpu"]
+
+
 @torch.library.custom_op("kiln::store_kv", mutates_args=("k_cache", "v_cache"))
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, slots: Tensor) -> None:
     """k, v: [T, KVH, D] into layer `layer` of the caches [layers, slots, KVH, D], at `slots`."""
-    store_kv_torch(k, v, k_cache[layer], v_cache[layer], slots)
+    _kernels(k)[0](k, v, k_cache[layer], v_cache[layer], slots)
 
 
 @torch.library.custom_op("kiln::decode_attention", mutates_args=())
@@ -101,7 +117,7 @@ def decode_attention(
     logit_cap: float,
 ) -> Tensor:
     """One query row per request (row b is request b); q: [B, H, D]."""
-    return decode_torch(q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+    return _kernels(q)[1](q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
 
 
 @torch.library.custom_op("kiln::extend_attention", mutates_args=())
@@ -122,9 +138,10 @@ def extend_attention(
     logit_cap: float,
 ) -> Tensor:
     """Any number of new tokens per request, over the cached prefix and themselves."""
-    return extend_torch(
-        q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, extend_lens, scale, causal, sliding_window, logit_cap
-    )
+    return _kernels(q)[2](
+        q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, extend_lens, extend_starts,
+        max_extend_len, scale, causal, sliding_window, logit_cap,
+    )  # fmt: skip
 
 
 @decode_attention.register_fake
@@ -135,34 +152,6 @@ def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, scale, sl
 @extend_attention.register_fake
 def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
     return torch.empty_like(q)
-
-
-def _extend_torch(q, k_cache, v_cache, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
-    return extend_torch(q, k_cache, v_cache, req_to_token, req_indices, seq_lens, extend_lens, scale, causal, sliding_window, logit_cap)
-
-
-# Per device type: (store, decode, extend) over one layer's caches, for kiln::attention.
-_KERNELS = {"cpu": (store_kv_torch, decode_torch, _extend_torch)}
-
-if _triton_available():
-    from kiln.ops import attention_triton as _tri
-
-    _KERNELS["cuda"] = (_tri.store_kv_triton, _tri.decode_triton, _tri.extend_triton)
-
-    @store_kv.register_kernel("cuda")
-    def _(k, v, k_cache, v_cache, layer, slots):
-        _tri.store_kv_triton(k, v, k_cache[layer], v_cache[layer], slots)
-
-    @decode_attention.register_kernel("cuda")
-    def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap):
-        return _tri.decode_triton(q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
-
-    @extend_attention.register_kernel("cuda")
-    def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
-        return _tri.extend_triton(
-            q, k_cache[layer], v_cache[layer], req_to_token, req_indices, seq_lens, extend_lens, extend_starts,
-            max_extend_len, scale, causal, sliding_window, logit_cap,
-        )  # fmt: skip
 
 
 # kiln::attention is declared with torch.library's plain define/impl rather than
@@ -198,7 +187,7 @@ def _attention(
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [layers, slots, KVH, D]. Returns [T, H, D]."""
     # The kernels are called directly rather than through the three ops above: on the
     # CPU, nested custom-op dispatch costs about as much as decode attention itself.
-    store, decode, extend = _KERNELS["cuda" if q.is_cuda and "cuda" in _KERNELS else "cpu"]
+    store, decode, extend = _kernels(q)
     kc, vc = k_cache[layer], v_cache[layer]
     store(k, v, kc, vc, out_slots)
     q = q.contiguous()
