@@ -5,11 +5,13 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from kiln.serving.engine_client import EngineClient
-from kiln.serving.protocol import GenerateReqInput
+from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.schemas import GenerateReqInput
+from kiln.serving.api.tokenizer_manager import TokenizerManager
+from kiln.serving.api.validator import Validator
+from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
-from kiln.serving.tokenizer_manager import TokenizerManager
 
 
 class Engine:
@@ -21,8 +23,10 @@ class Engine:
     def __init__(self, **kwargs: Any):
         self.args = ServerArgs(**kwargs)
         self._client = EngineClient(self.args)
-        tokenizer = load_tokenizer(self.args.tokenizer_path or self._client.info["checkpoint"])
-        self.tokenizer_manager = TokenizerManager(self._client, tokenizer, self.args.weight_version)
+        info = self._client.info
+        tokenizer = load_tokenizer(self.args.tokenizer_path or info.checkpoint)
+        validator = Validator.for_tokenizer(info.limits, self.args.max_n, tokenizer)
+        self.tokenizer_manager = TokenizerManager(self._client, tokenizer, validator, self.args.weight_version)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="kiln-engine-loop")
         self._thread.start()
@@ -37,10 +41,17 @@ class Engine:
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        obj = GenerateReqInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params)
-        reqs, is_batch = self.tokenizer_manager.parse(obj)
-        results = self._run(self.tokenizer_manager.run_all(reqs))
-        return results if is_batch else results[0]
+        params = None
+        if sampling_params is not None:
+            params = [SamplingParams(**p) for p in sampling_params] if isinstance(sampling_params, list) else SamplingParams(**sampling_params)
+        obj = GenerateReqInput(text=prompt, input_ids=input_ids, sampling_params=params)
+
+        async def run() -> list[dict[str, Any]]:
+            reqs, is_batch = await self.tokenizer_manager.parse(obj)
+            results = await self.tokenizer_manager.run_all(reqs)
+            return results if is_batch else results[0]
+
+        return self._run(run())
 
     def shutdown(self) -> None:
         self._client.shutdown()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from kiln.serving.engine_core import EngineCore
+from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
@@ -80,7 +80,7 @@ def main() -> None:
         decode_rate(core, 2, 4)  # first-call costs out of the way
         rates[mode] = {b: decode_rate(core, b, args.new_tokens) for b in batches}
         if mode == "compiled":
-            result["compile"] = core.info()["compile"]
+            result["compile"] = core.stats().compile
         del core
     print(f"\n{'batch':>6} {'eager tok/s':>12} {'compiled tok/s':>15} {'compiled/eager':>15}")
     for b in batches:

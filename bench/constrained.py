@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from kiln.serving.engine_core import EngineCore
+from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
@@ -41,9 +41,9 @@ def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> d
                 if len(started) == len(prompts):
                     decode_start = time.monotonic()
             if out.finish_reason is not None:
-                finished.append(out.finish_reason["type"])
+                finished.append(type(out.finish_reason).__name__)
     wall = time.monotonic() - decode_start
-    assert finished == ["length"] * len(prompts), finished  # every request decoded to the end
+    assert finished == ["FinishLength"] * len(prompts), finished  # every request decoded to the end
     return {"decode_tok_s": decode_tokens / wall, "decode_s": wall}
 
 

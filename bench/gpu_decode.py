@@ -23,7 +23,7 @@ from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.profile import Profile
 from kiln.models.loader import load_model, read_config
 from kiln.ops.attention import AttentionMetadata
-from kiln.serving.kv_pool import KVPool
+from kiln.serving.engine.kv_pool import KVPool
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from kiln.bench.common import RESULTS, machine, source_version
-from kiln.serving.engine_core import EngineCore
-from kiln.serving.kv_pool import KVPool
+from kiln.serving.engine.core import EngineCore
+from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs

@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from kiln.serving.engine_core import EngineCore
+from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs

@@ -1,1 +1,1 @@
-"""The serving stack: HTTP app, tokenizer side, engine process, scheduler."""
+"""The serving stack: the HTTP process (api/), the engine process (engine/), and what both share."""

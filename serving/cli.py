@@ -12,31 +12,40 @@ log = logging.getLogger("kiln")
 
 
 def serve(argv: list[str]) -> int:
+    """Serves until SIGTERM (exit 0 after draining) or the engine's death (exit 1)."""
     args = ServerArgs.from_cli(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     import uvicorn
 
-    from kiln.serving.app import create_app
-    from kiln.serving.engine_client import EngineStartError
+    from kiln.serving.api.app import create_app
+    from kiln.serving.api.engine_client import EngineClient, EngineStartError
+    from kiln.serving.api.server import KilnServer, protocol_with_timeout
 
     try:
-        app = create_app(args)
+        engine = EngineClient(args)
     except EngineStartError as exc:
         log.error("could not start: %s", exc)
         return 1
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    config = uvicorn.Config(
+        create_app(args, engine), host=args.host, port=args.port, log_level=args.log_level,
+        http=protocol_with_timeout(args.http_read_timeout), timeout_keep_alive=args.timeout_keep_alive,
+        # Requests were drained or aborted before uvicorn's own wait: only their last bytes remain.
+        timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    server = KilnServer(config, engine, args.graceful_shutdown_timeout)
+    server.run()
+    engine.shutdown()
+    return 1 if engine.dead or not server.started else 0
 
 
 def warm(argv: list[str]) -> int:
     """Compiles every bucket into the persistent cache, then exits."""
-    args = ServerArgs.parser("kiln warm").parse_args(argv)
-    args = ServerArgs(**vars(args))
+    args = ServerArgs.from_cli(argv, "kiln warm")
     if args.disable_compile:
         log.error("kiln warm compiles; drop --disable-compile")
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
-    from kiln.serving.engine_core import EngineCore
+    from kiln.serving.engine.core import EngineCore
 
     core = EngineCore(args)
     print(json.dumps(core.compiled.counters(), indent=2))

@@ -1,10 +1,43 @@
-"""What the HTTP process and the engine process say to each other (msgpack over a pipe)."""
+"""What the HTTP process and the engine process say to each other (msgpack over a pipe).
 
-from typing import Any
+This module is the whole contract between the two sides: both import it, and it imports neither
+(nor torch), so the HTTP side stays free of the engine's dependencies.
+"""
+
+from typing import Any, Literal
 
 import msgspec
 
 from kiln.serving.sampling_params import SamplingParams
+
+ModelKind = Literal["generation", "embedding", "cross-encoder", "reward"]
+
+
+class RequestLimits(msgspec.Struct, frozen=True):
+    """What every request is checked against (serving/request_checks.py), on both sides."""
+
+    kind: ModelKind
+    vocab_size: int  # rows of the embedding: every input id must be below it
+    context_length: int
+    max_total_tokens: int  # KV pool slots
+    max_pooled_tokens: int  # models without generation compute a prompt in one forward
+
+
+class FinishStop(msgspec.Struct, tag_field="type", tag="stop"):
+    matched: int | str | None = None  # the stop token id, or the stop string
+
+
+class FinishLength(msgspec.Struct, tag_field="type", tag="length"):
+    length: int
+
+
+class FinishAbort(msgspec.Struct, tag_field="type", tag="abort", omit_defaults=True):
+    message: str
+    # 400: the request itself was refused (the client sees a 400 before any output); else None.
+    status_code: int | None = None
+
+
+FinishReason = FinishStop | FinishLength | FinishAbort
 
 
 class LogprobRequest(msgspec.Struct):
@@ -22,9 +55,10 @@ class GenerateRequest(msgspec.Struct, tag=True):
 
 class AbortRequest(msgspec.Struct, tag=True):
     rid: str  # "" aborts every request
+    message: str | None = None  # the abort finish reason's message (default: where the request was)
 
 
-class InfoRequest(msgspec.Struct, tag=True):
+class StatsRequest(msgspec.Struct, tag=True):
     pass
 
 
@@ -45,7 +79,7 @@ class TokenOutput(msgspec.Struct):
     new_ids: list[int]
     prompt_tokens: int
     cached_tokens: int
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
     retractions: int = 0
     # With LogprobRequest, one entry per id of new_ids: its logprob, the top ones, the asked-for ones.
     token_logprobs: list[float] | None = None
@@ -63,13 +97,36 @@ class StepOutput(msgspec.Struct, tag=True):
     outputs: list[TokenOutput]
 
 
-class InfoReply(msgspec.Struct, tag=True):
-    info: dict[str, Any]
+class EngineInfo(msgspec.Struct, tag=True):
+    """Sent once when the engine is ready: what the HTTP side needs to validate and describe requests."""
+
+    model_kind: ModelKind
+    model_type: str
+    architectures: list[str]
+    checkpoint: str  # the folder holding the tokenizer files (a converted GGUF's cache folder)
+    limits: RequestLimits
+    max_running_requests: int
+    max_req_input_len: int
+    chunked_prefill_size: int
+    dtype_resolved: str
+    device_resolved: str
+
+
+class EngineStats(msgspec.Struct, tag=True):
+    """The engine's figures now, for /get_server_info and /get_load."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    free_slots: int
+    available_slots: int
+    cached_tokens_in_tree: int
+    total_retractions: int
+    compile: dict[str, Any]
 
 
 class EngineError(msgspec.Struct, tag=True):
     message: str
 
 
-ToEngine = GenerateRequest | AbortRequest | InfoRequest | FlushCache | Shutdown
-FromEngine = StepOutput | InfoReply | FlushReply | EngineError
+ToEngine = GenerateRequest | AbortRequest | StatsRequest | FlushCache | Shutdown
+FromEngine = StepOutput | EngineInfo | EngineStats | FlushReply | EngineError

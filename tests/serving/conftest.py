@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,28 @@ def server_port() -> int:
     return _free_port()
 
 
+@dataclass
+class KilnProcess:
+    """A running `kiln serve`: its base URL, its process (the session leader), and its log."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return _log_text(self.log_path)
+
+
 @contextmanager
 def serve_kiln(port: int, extra_args: list[str], log_dir: Path) -> Iterator[str]:
     """Runs `kiln serve` on 127.0.0.1:port with extra_args, waits for GET /health == 200, yields the base URL."""
+    with serve_kiln_process(port, extra_args, log_dir) as server:
+        yield server.url
+
+
+@contextmanager
+def serve_kiln_process(port: int, extra_args: list[str], log_dir: Path) -> Iterator[KilnProcess]:
+    """serve_kiln, for tests that signal or watch the process: yields a KilnProcess; stops whatever is left of it on exit."""
     exe = Path(sys.executable).with_name("kiln")
     if not exe.exists():
         pytest.fail(f"the kiln executable is not next to the interpreter: {exe} is missing")
@@ -95,7 +115,7 @@ def serve_kiln(port: int, extra_args: list[str], log_dir: Path) -> Iterator[str]
             if time.monotonic() > deadline:
                 pytest.fail(f"kiln serve did not answer GET /health with 200 in {START_TIMEOUT_S:.0f}s; its log:\n{_log_text(log_path)}")
             time.sleep(0.5)
-        yield base_url
+        yield KilnProcess(base_url, proc, log_path)
     finally:
         _stop(proc)
 
@@ -117,6 +137,12 @@ def kiln_server(server_port: int, tmp_path_factory: pytest.TempPathFactory) -> I
 def launch_kiln(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], Any]:
     """For tests that need another model: `with launch_kiln(args) as url:` serves it on a free port."""
     return lambda args: serve_kiln(_free_port(), args, tmp_path_factory.mktemp("kiln_server"))
+
+
+@pytest.fixture(scope="session")
+def launch_kiln_process(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], Any]:
+    """Like launch_kiln, but `with launch_kiln_process(args) as server:` yields a KilnProcess (url, proc, log_path)."""
+    return lambda args: serve_kiln_process(_free_port(), args, tmp_path_factory.mktemp("kiln_server"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""The HTTP process: app, controllers, validator, tokenizer side, engine client. Imports no torch."""

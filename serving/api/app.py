@@ -1,0 +1,98 @@
+"""Wires the HTTP process together: engine client, tokenizer side, validator, controllers."""
+
+import asyncio
+import logging
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+from litestar.config.cors import CORSConfig
+from litestar.di import Provide
+
+from kiln.serving.api.admin_routes import InfoController, StateController
+from kiln.serving.api.context import ServingContext
+from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.errors import EXCEPTION_HANDLERS, error_response, json_response
+from kiln.serving.api.native_routes import GenerateController, TokenizerController
+from kiln.serving.api.openai_routes import OpenAIController
+from kiln.serving.api.openai_serving import OpenAIServing
+from kiln.serving.api.openapi import openapi_document
+from kiln.serving.api.pooled_routes import PooledController
+from kiln.serving.api.pooled_serving import EmbeddingServing
+from kiln.serving.api.tokenizer_manager import TokenizerManager
+from kiln.serving.api.validator import Validator
+from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.server_args import ServerArgs
+from kiln.serving.tokenizer import load_tokenizer
+
+log = logging.getLogger("kiln")
+
+def origin_guard(allowed: tuple[str, ...]) -> Any:
+    """Refuses requests that change state from a web page of another origin (browsers send Origin; curl does not)."""
+
+    async def guard(request: Request) -> Response | None:
+        origin = request.headers.get("origin")
+        if origin is None or request.method in ("GET", "HEAD", "OPTIONS") or origin in allowed or "*" in allowed:
+            return None
+        return error_response(request, f"Origin {origin!r} is not allowed; start the server with --cors-allow-origins {origin}.", 403)
+
+    return guard
+
+
+@get(["/openapi.json", "/schema/openapi.json"], opt={"openapi": False}, include_in_schema=False)
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_document(request.app))
+
+
+def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
+    info = engine.info
+    tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint)
+    validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
+    tm = TokenizerManager(engine, tokenizer, validator, args.weight_version)
+    model_path = args.model_path or info.checkpoint
+    model_info = {
+        "model_path": model_path,
+        "tokenizer_path": args.tokenizer_path or model_path,
+        "is_generation": info.model_kind == "generation",
+        "preferred_sampling_params": None,
+        "weight_version": args.weight_version,
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+        "model_type": info.model_type,
+        "architectures": info.architectures,
+    }
+    served_name = args.served_model_name or model_path
+    ctx = ServingContext(
+        args, engine, tm, model_info, served_name, OpenAIServing(tm, served_name), EmbeddingServing(tm, info.model_kind, served_name)
+    )
+
+    async def start_reader() -> None:
+        engine.start_reader(asyncio.get_running_loop())
+
+    async def warmup() -> None:
+        if args.skip_server_warmup:
+            return
+        probe = tm.single("WARMUP", [0], SamplingParams(max_new_tokens=1))
+        out = await asyncio.wait_for(tm.run_one(probe), 300)
+        if out["meta_info"]["finish_reason"]["type"] == "abort":
+            raise RuntimeError(f"warm-up request failed: {out['meta_info']['finish_reason']}")
+
+    async def ready() -> None:
+        log.info(
+            "max_total_num_tokens=%d, max_running_requests=%d, context_len=%d; serving on http://%s:%d",
+            info.limits.max_total_tokens, info.max_running_requests, info.limits.context_length, args.host, args.port,
+        )  # fmt: skip
+
+    origins = tuple(args.cors_allow_origins)
+    return Litestar(
+        route_handlers=[
+            GenerateController, TokenizerController, InfoController, StateController, OpenAIController, PooledController, openapi,
+        ],  # fmt: skip
+        dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_request=origin_guard(origins),
+        cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
+        on_startup=[start_reader, warmup, ready],
+        on_shutdown=[engine.shutdown],
+        request_max_body_size=args.max_request_body_mb << 20,
+        openapi_config=None,
+    )

@@ -1,0 +1,216 @@
+"""The HTTP process's handle on the engine process: start it, send requests, route outputs, notice its death."""
+
+import asyncio
+import logging
+import multiprocessing as mp
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+
+from kiln.serving.api.errors import EngineUnavailable
+from kiln.serving.messages import (
+    AbortRequest,
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    FinishAbort,
+    FlushCache,
+    FlushReply,
+    FromEngine,
+    GenerateRequest,
+    Shutdown,
+    StatsRequest,
+    StepOutput,
+    TokenOutput,
+)
+from kiln.serving.sampling_params import InvalidRequest
+from kiln.serving.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+
+# The engine process's entry point, named rather than imported: importing it would load torch here.
+ENGINE_ENTRY = "kiln.serving.engine.process:run_engine"
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def _run_engine(args: ServerArgs, conn: Any) -> None:
+    import importlib
+
+    module, name = ENGINE_ENTRY.split(":")
+    getattr(importlib.import_module(module), name)(args, conn)
+
+
+class EngineClient:
+    """Starts the engine process; `generate` yields its TokenOutputs for one request.
+
+    Every request id in flight is registered here, so a second request with the same id is refused
+    before it reaches the engine. When the engine process dies, every request in flight ends with a
+    503 abort and `on_death` is called (the server then exits, so a supervisor restarts it).
+    """
+
+    def __init__(self, args: ServerArgs):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_run_engine, args=(args, child), daemon=True, name="kiln-engine")
+        self.process.start()
+        child.close()
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(FromEngine).decode
+        self._send_lock = threading.Lock()
+        first = self._recv_blocking()
+        if not isinstance(first, EngineInfo):
+            raise EngineStartError(first.message if isinstance(first, EngineError) else "engine process exited during start-up")
+        self.info: EngineInfo = first
+        self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
+        self._stats_waiters: list[asyncio.Future[EngineStats]] = []
+        self._flush_waiters: list[asyncio.Future[bool]] = []
+        self.unavailable: str | None = None  # why new requests are refused (shutdown, engine death)
+        self.dead = False
+        self._stopping = False  # we asked the engine to stop: its exit is no death
+        self.on_death: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _recv_blocking(self) -> Any:
+        try:
+            return self._decode(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            return None
+
+    def _send(self, msg: Any) -> None:
+        if self.dead:
+            raise EngineUnavailable("The engine process is not running; the server is exiting.")
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(self._encode(msg))
+        except OSError as exc:
+            raise EngineUnavailable("The engine process is not running; the server is exiting.") from exc
+
+    def start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Routes engine output to the waiting coroutines of `loop` (call once, from that loop)."""
+        self._loop = loop
+        threading.Thread(target=self._read_forever, daemon=True, name="kiln-engine-reader").start()
+
+    def _read_forever(self) -> None:
+        while True:
+            msg = self._recv_blocking()
+            if msg is None:
+                self._loop.call_soon_threadsafe(self._engine_died)
+                return
+            self._loop.call_soon_threadsafe(self._dispatch, msg)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, StepOutput):
+            for out in msg.outputs:
+                queue = self._queues.get(out.rid)
+                if queue is not None:
+                    queue.put_nowait(out)
+        elif isinstance(msg, EngineStats):
+            waiters, self._stats_waiters = self._stats_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(msg)
+        elif isinstance(msg, FlushReply):
+            waiters, self._flush_waiters = self._flush_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(msg.success)
+        elif isinstance(msg, EngineError):
+            log.error("engine: %s", msg.message)
+
+    def _engine_died(self) -> None:
+        if self._stopping:
+            return
+        self.dead = True
+        self.unavailable = "The engine process exited; the server is shutting down."
+        self.process.join(timeout=0.5)  # the pipe closes just before the process is reaped
+        log.error("the engine process exited (exit code %s); failing %d requests", self.process.exitcode, len(self._queues))
+        for rid, queue in self._queues.items():
+            queue.put_nowait(TokenOutput(rid, [], 0, 0, FinishAbort("The engine process exited.", 503)))
+        for fut in self._stats_waiters + self._flush_waiters:
+            if not fut.done():
+                fut.set_exception(EngineUnavailable(self.unavailable))
+        if self.on_death is not None:
+            self.on_death()
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead and self.process.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    def open(self, rids: list[str]) -> list[asyncio.Queue[TokenOutput]]:
+        """Registers the ids of requests about to be sent; refuses the lot if one is already in flight."""
+        if self.unavailable is not None:
+            raise EngineUnavailable(self.unavailable)
+        if len(set(rids)) != len(rids):
+            dupes = sorted({r for r in rids if rids.count(r) > 1})
+            raise InvalidRequest(f"Duplicate request IDs detected within the request: {dupes}")
+        for rid in rids:
+            if rid in self._queues:
+                raise InvalidRequest(f"Duplicate request ID detected: {rid}")
+        queues: list[asyncio.Queue[TokenOutput]] = [asyncio.Queue() for _ in rids]
+        self._queues.update(zip(rids, queues))
+        return queues
+
+    def close(self, rids: list[str], queues: list[asyncio.Queue[TokenOutput]]) -> None:
+        """Forgets the opened ids whose request was never sent (another request may hold the id by now)."""
+        for rid, queue in zip(rids, queues):
+            if self._queues.get(rid) is queue:
+                del self._queues[rid]
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        """Sends an opened request and yields its outputs until the finishing one; leaving early aborts it."""
+        queue = self._queues[req.rid]
+        finished = False
+        try:
+            self._send(req)
+            while not finished:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if self._queues.get(req.rid) is queue:
+                del self._queues[req.rid]
+            if not finished and not self.dead:
+                self._send(AbortRequest(req.rid))
+
+    def abort(self, rid: str, message: str | None = None) -> None:
+        """Aborts one request, or every one for rid ""."""
+        self._send(AbortRequest(rid, message))
+
+    async def stats(self, timeout: float = 10.0) -> EngineStats:
+        fut: asyncio.Future[EngineStats] = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        self._send(StatsRequest())
+        return await asyncio.wait_for(fut, timeout)
+
+    async def flush_cache(self, timeout: float = 10.0) -> bool:
+        """Empties the radix cache; False (and nothing flushed) while requests run or wait."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(fut)
+        self._send(FlushCache())
+        return await asyncio.wait_for(fut, timeout)
+
+    def stop_accepting(self, reason: str) -> None:
+        """New requests get a 503 with `reason`; those in flight carry on."""
+        self.unavailable = self.unavailable or reason
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self.unavailable = self.unavailable or "The server is shutting down."
+        if self.process.is_alive() and not self.dead:
+            try:
+                with self._send_lock:
+                    self._conn.send_bytes(self._encode(Shutdown()))
+            except OSError:
+                pass
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()

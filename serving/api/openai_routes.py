@@ -1,0 +1,43 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+
+from kiln.serving.api.context import ServingContext
+from kiln.serving.api.errors import json_response
+from kiln.serving.api.http_io import answer, read_body, sse
+from kiln.serving.api.pooled_serving import require_kind
+from kiln.serving.api.schemas import ChatCompletionRequest, CompletionRequest
+
+
+class OpenAIController(Controller):
+    @get("/v1/models")
+    async def models(self, ctx: ServingContext) -> Response:
+        card = {
+            "id": ctx.served_name,
+            "object": "model",
+            "created": int(ctx.start_time),
+            "owned_by": "kiln",
+            "root": ctx.model_info["model_path"],
+            "max_model_len": ctx.tm.context_len,
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    @post("/v1/completions", status_code=200, opt={"body": CompletionRequest})
+    async def completions(self, request: Request, ctx: ServingContext) -> Any:
+        obj: CompletionRequest = await read_body(request)
+        require_kind(request.url.path, ctx.kind, ("generation",))
+        reqs = await ctx.oai.completion_requests(obj)
+        if obj.stream:
+            return await sse(request, ctx.oai.stream(reqs, chat=False))
+        return await answer(request, ctx.oai.completion(obj, reqs))
+
+    @post("/v1/chat/completions", status_code=200, opt={"body": ChatCompletionRequest})
+    async def chat_completions(self, request: Request, ctx: ServingContext) -> Any:
+        obj: ChatCompletionRequest = await read_body(request)
+        require_kind(request.url.path, ctx.kind, ("generation",))
+        reqs = await ctx.oai.chat_requests(obj)
+        if obj.stream:
+            return await sse(request, ctx.oai.stream(reqs, chat=True))
+        return await answer(request, ctx.oai.chat(obj, reqs))

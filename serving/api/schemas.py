@@ -1,0 +1,150 @@
+"""Request bodies of the HTTP API as msgspec structs: decoded, type-checked and described (OpenAPI) from here.
+
+Every field has a bounded shape (no free-form `Any`), so a body nested a thousand levels deep fails
+decoding at the third, and integers are bounded to 64 bits before anything computes with them.
+"""
+
+import msgspec
+
+from kiln.serving.sampling_params import Int64, SamplingParams
+
+# Token ids, or a batch of them: homogeneity and the vocabulary are checked by the validator.
+TokenIds = list[int | list[int]]
+
+
+class GenerateReqInput(msgspec.Struct):
+    text: str | list[str] | None = None
+    input_ids: TokenIds | None = None
+    sampling_params: SamplingParams | list[SamplingParams] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: Int64 | list[Int64] = -1
+    top_logprobs_num: Int64 | list[Int64] = 0
+    token_ids_logprob: TokenIds | None = None
+    return_text_in_logprobs: bool = False
+    model: str | None = None
+
+
+class AbortReqInput(msgspec.Struct):
+    rid: str | None = None
+    abort_all: bool = False
+
+
+class TokenizeReqInput(msgspec.Struct, forbid_unknown_fields=True):
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeReqInput(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: TokenIds
+    skip_special_tokens: bool = True
+    model: str | None = None
+
+
+class CompletionRequest(msgspec.Struct):
+    """The subset of OpenAI's /v1/completions that maps onto /generate."""
+
+    prompt: str | list[str | int | list[int]]
+    model: str | None = None
+    max_tokens: Int64 | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Int64 = -1
+    min_p: float = 0.0
+    n: Int64 = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: Int64 = 0
+    echo: bool = False
+    logprobs: Int64 | None = None
+    user: str | None = None
+
+
+class ImageUrl(msgspec.Struct):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(msgspec.Struct, omit_defaults=True):
+    """One part of a chat message's content; the chat template sees it as a dict."""
+
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    messages: list[ChatMessage]
+    model: str | None = None
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Int64 = -1
+    min_p: float = 0.0
+    n: Int64 = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: Int64 = 0
+    logprobs: bool = False
+    top_logprobs: Int64 | None = None
+    user: str | None = None
+
+
+class EncodeReqInput(msgspec.Struct):
+    """/encode and /classify: like /generate's input, without sampling."""
+
+    text: str | list[str] | None = None
+    input_ids: TokenIds | None = None
+    rid: str | list[str] | None = None
+    model: str | None = None
+
+
+class EmbeddingRequest(msgspec.Struct):
+    """OpenAI's /v1/embeddings: `input` is a string, a list of strings, token ids, or a list of token-id lists."""
+
+    input: str | list[str | int | list[int]]
+    model: str | None = None
+    encoding_format: str = "float"
+    dimensions: Int64 | None = None
+    user: str | None = None
+
+
+class RerankRequest(msgspec.Struct):
+    query: str
+    documents: list[str]
+    instruct: str | None = None
+    top_n: Int64 | None = None
+    return_documents: bool = True
+    model: str | None = None
+
+
+class ScoreRequest(msgspec.Struct):
+    """/v1/score: next-token probabilities of `label_token_ids` after query + item (or item + query)."""
+
+    label_token_ids: list[int]
+    query: str | list[int] | None = None
+    items: str | list[str | list[int]] | None = None  # a text, a list of texts, or a list of token-id lists
+    apply_softmax: bool = False
+    item_first: bool = False
+    model: str | None = None
+
+

@@ -1,0 +1,1 @@
+"""The engine process: scheduler, model runner, sampler, KV pool, radix cache, grammars."""

@@ -1,0 +1,306 @@
+"""The model loop's owner: loads the model, sizes the KV pool, steps the scheduler."""
+
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+import xgrammar as xgr
+
+from kiln.compiler.cache import cache_key, use_cache_dir
+from kiln.compiler.compiled_model import CompiledModel
+from kiln.compiler.cuda_graphs import probe_graph_memory
+from kiln.compiler.profile import Profile
+from kiln.models.bert import BertModel
+from kiln.models.loader import load_model, read_config, resolve_checkpoint
+from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
+from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
+from kiln.serving.engine.grammar import GrammarCompiler, grammar_key
+from kiln.serving.engine.grammar_mask import GrammarMask
+from kiln.serving.engine.kv_pool import KVPool
+from kiln.serving.engine.logprobs import record_input_logprobs, record_logprobs
+from kiln.serving.engine.model_runner import ModelRunner
+from kiln.serving.engine.output import token_output
+from kiln.serving.engine.radix_cache import RadixCache
+from kiln.serving.engine.request import Req
+from kiln.serving.engine.sampler import apply_penalties, sample
+from kiln.serving.engine.scheduler import ScheduledBatch, Scheduler
+from kiln.serving.messages import EngineInfo, EngineStats, FinishAbort, GenerateRequest, RequestLimits, TokenOutput
+from kiln.serving.request_checks import InvalidRequest, check_request
+from kiln.serving.server_args import ServerArgs
+from kiln.serving.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class EngineCore:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        t0 = time.monotonic()
+        self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
+        self.cfg = read_config(self.checkpoint)
+        self.tokenizer = load_tokenizer(args.tokenizer_path or str(self.checkpoint))
+        self.kind = model_kind(self.cfg, args.is_embedding)
+        if self.kind != GENERATION:
+            # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
+            self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
+        free_before = available_memory(self.device)
+        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, time.monotonic() - t0)
+
+        self.pooling = self._pooling_config() if self.kind == EMBEDDING else None
+        self.context_len = args.context_length or getattr(self.model, "max_tokens", self.cfg.max_position_embeddings)
+        profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
+        self.graph_reserve = 0
+        if self.device.type == "cuda" and not args.disable_compile and not args.disable_cuda_graph:
+            # The decode graphs share one memory pool, which the largest bucket sizes; a
+            # quarter more covers the compiled pieces' own buffers.
+            kv_shape = (self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
+            self.graph_reserve = int(1.25 * probe_graph_memory(self.model, kv_shape, self.dtype, max(profile.decode_batch_sizes)))
+            log.info("reserved %.0f MB for decode CUDA graphs before sizing the KV pool", self.graph_reserve / 1e6)
+        per_token = KVPool.bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype)
+        num_slots = args.max_total_tokens
+        if num_slots is None:
+            fraction = args.mem_fraction_static or (0.85 if self.device.type == "cuda" else 0.3)
+            num_slots = int((free_before * fraction - weights - self.graph_reserve) // per_token)
+        if num_slots < 16:
+            raise RuntimeError(f"KV pool would hold only {num_slots} tokens; raise --mem-fraction-static or --max-total-tokens")
+        self.max_running = args.max_running_requests or (256 if self.device.type == "cuda" else 64)
+        self.pool = KVPool(
+            num_slots, self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
+            self.dtype, self.device, self.max_running, self.context_len,
+        )  # fmt: skip
+        log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
+        self.eos_ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        chunk = args.chunked_prefill_size or profile.chunked_prefill_size
+        self.scheduler = Scheduler(
+            # Pooled outputs need every token computed in one forward (encoders see both ways): no reuse, no chunks.
+            self.pool, None if args.disable_radix_cache or self.kind != GENERATION else RadixCache(), self.max_running, chunk,
+            args.schedule_policy, min(1.0, 0.5 * args.schedule_conservativeness), self.eos_ids, self.context_len,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), split_prompts=self.kind == GENERATION,
+        )  # fmt: skip
+        self.limits = RequestLimits(
+            self.kind, self.cfg.vocab_size, self.context_len, self.pool.size, min(self.context_len, self.scheduler.chunk_size)
+        )
+        self.compiled = None if args.disable_compile else self._compile(profile)
+        self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
+        self._seeds = torch.Generator().manual_seed(args.random_seed)
+        # Only generation has grammars (and a stop token for xgrammar to end on).
+        self.grammars = (
+            GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids, not args.constrained_json_disable_any_whitespace)
+            if self.kind == GENERATION
+            else None
+        )
+        self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
+        self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
+
+    def _pooling_config(self) -> PoolingConfig:
+        default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)
+        normalize = None if self.args.normalize_embeddings is None else self.args.normalize_embeddings == "true"
+        return read_pooling_config(self.checkpoint, default, self.args.pooling_method, normalize)
+
+    def _compile(self, profile: Profile) -> CompiledModel:
+        key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
+        cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile") / key
+        use_cache_dir(cache)
+        compiled = CompiledModel(self.model, profile, cuda_graphs=not self.args.disable_cuda_graph)
+        log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
+        compiled.warm_up((self.pool.k, self.pool.v), self.pool.req_to_token)
+        return compiled
+
+    def engine_info(self) -> EngineInfo:
+        """What the HTTP side is told once, when the engine is ready."""
+        return EngineInfo(
+            model_kind=self.kind,
+            model_type=self.cfg.model_type,
+            architectures=self.cfg.architectures,
+            checkpoint=str(self.checkpoint),
+            limits=self.limits,
+            max_running_requests=self.max_running,
+            max_req_input_len=self.context_len - 1,
+            chunked_prefill_size=self.scheduler.chunk_size,
+            dtype_resolved=str(self.dtype).removeprefix("torch."),
+            device_resolved=str(self.device),
+        )
+
+    def stats(self) -> EngineStats:
+        """The figures /get_server_info and /get_load report."""
+        compiled = {**self.compiled.counters(), "cuda_graph_reserved_mb": round(self.graph_reserve / 1e6, 1)} if self.compiled else {"enabled": False}
+        return EngineStats(
+            num_running_reqs=len(self.scheduler.running),
+            num_waiting_reqs=len(self.scheduler.waiting) + len(self.compiling),
+            free_slots=self.pool.free_slots,
+            available_slots=self.scheduler.available(),
+            cached_tokens_in_tree=self.scheduler.cache.total_size() if self.scheduler.cache else 0,
+            total_retractions=self.scheduler.total_retractions,
+            compile=compiled,
+        )
+
+    def add(self, msg: GenerateRequest) -> list[TokenOutput]:
+        """Queues a request, or refuses it (a 400 for its client) when it breaks a rule: defence in depth,
+        so that no id outside the vocabulary or length past the context ever reaches a kernel."""
+        seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
+        params = msg.params if self.kind == GENERATION else msgspec.structs.replace(msg.params, max_new_tokens=0)
+        try:
+            check_request(msgspec.structs.replace(msg, params=params), self.limits)
+            req = Req(msg.rid, msg.input_ids, params, seed, msg.logprob)
+        except (InvalidRequest, ValueError, TypeError, OverflowError) as exc:
+            log.warning("refused request %s: %s", msg.rid, exc)
+            return [TokenOutput(msg.rid, [], len(msg.input_ids), 0, FinishAbort(str(exc), 400))]
+        key = grammar_key(msg.params) if self.grammars else None
+        if key is None:
+            self.scheduler.add(req)
+        else:
+            self.compiling.append((req, self.grammars.compile(key)))
+        return []
+
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Hands requests whose grammar is compiled to the scheduler; a grammar that failed refuses its request."""
+        if self.compiling and not self.scheduler.has_work:
+            wait([f for _, f in self.compiling], timeout=0.05, return_when=FIRST_COMPLETED)  # rather than spin
+        outputs, still = [], []
+        for req, future in self.compiling:
+            if not future.done():
+                still.append((req, future))
+            elif future.exception() is not None:
+                req.finish_reason = FinishAbort(str(future.exception()), 400)
+                outputs.append(token_output(req))
+            else:
+                req.grammar = xgr.GrammarMatcher(future.result())
+                self.scheduler.add(req)
+        self.compiling = still
+        return outputs
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.flush_cache()
+
+    def abort(self, rid: str, message: str | None = None) -> list[TokenOutput]:
+        hit = [r for r, _ in self.compiling if not rid or r.rid == rid]
+        self.compiling = [(r, f) for r, f in self.compiling if r not in hit]
+        for req in hit:
+            req.finish_reason = FinishAbort(message or "Abort before prefill")
+        return [token_output(r) for r in hit + self.scheduler.abort(rid, message)]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self.compiling)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenOutput]:
+        """Schedule, run, sample, process outputs; finished requests are released by the scheduler."""
+        outputs = self._admit_compiled()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs
+        if self.kind != GENERATION:
+            return outputs + self._pooled_step(batch)
+        # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
+        ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
+        mask = self.masks.start([batch.reqs[i] for i in ready])
+        try:
+            logits, prompt_logits = self.runner.forward(batch)
+        except Exception as exc:
+            # Nothing per request runs inside the forward (admission checked every input), so this is the
+            # engine's own failure: the batch's requests end, waiting ones and the engine carry on.
+            log.error("forward failed: %s", traceback.format_exc())
+            if mask is not None:
+                mask.result()  # the matchers must be idle before the requests are dropped
+            return outputs + self._fail(batch.reqs, FinishAbort(f"engine error: {type(exc).__name__}: {exc}"))
+        for i, rows in prompt_logits.items():
+            self._per_request(batch.reqs[i], record_input_logprobs, batch.reqs[i], torch.log_softmax(rows, dim=-1), len(batch.extends[i]))
+        next_ids = [-1] * len(batch.reqs)
+        logprobs = self._sample(logits, ready, [batch.reqs[i] for i in ready], mask, next_ids)
+        before = [len(r.output_ids) for r in batch.reqs]
+        self.scheduler.process(batch, next_ids)
+        for j, i in enumerate(ready):
+            req = batch.reqs[i]
+            if logprobs is not None and req.logprob and len(req.output_ids) > before[i]:
+                self._per_request(req, record_logprobs, req, logprobs[j], next_ids[i])
+        return outputs + [token_output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
+
+    def _sample(self, logits: torch.Tensor, ready: list[int], reqs: list[Req], mask: Any, next_ids: list[int]) -> torch.Tensor | None:
+        """Fills next_ids[ready]; returns the rows' logprobs when a request asked for them.
+
+        Penalties, grammar masks and sampling run batched; if that fails, each row runs alone and only
+        the requests whose own parameters fail are ended (a finished request samples nothing).
+        """
+        if not ready:
+            return None
+        rows = logits[ready]
+        # Logprobs of the model's own distribution: before penalties, grammar, temperature and filtering.
+        logprobs = torch.log_softmax(rows, dim=-1) if any(r.logprob for r in reqs) else None
+        try:
+            apply_penalties(rows, reqs, self.eos_ids)
+            if mask is not None:
+                self.masks.apply(rows, mask)
+            for i, tok in zip(ready, sample(rows, reqs)):
+                next_ids[i] = tok
+        except Exception:
+            log.warning("batched sampling failed; sampling each request alone: %s", traceback.format_exc())
+            for j, (i, req) in enumerate(zip(ready, reqs)):
+                next_ids[i] = self._per_request(req, self._sample_row, logits[i : i + 1], req, mask, j)
+        return logprobs
+
+    def _sample_row(self, row: torch.Tensor, req: Req, mask: Any, j: int) -> int:
+        apply_penalties(row, [req], self.eos_ids)
+        if mask is not None:
+            self.masks.apply(row, mask, only=j)
+        return sample(row, [req])[0]
+
+    def _per_request(self, req: Req, fn: Any, *args: Any) -> Any:
+        """Runs one request's own work; a failure ends that request alone."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log.error("request %s failed: %s", req.rid, traceback.format_exc())
+            self.scheduler.fail(req, FinishAbort(f"request failed: {type(exc).__name__}: {exc}"))
+            return -1
+
+    def _fail(self, reqs: list[Req], reason: FinishAbort) -> list[TokenOutput]:
+        for req in reqs:
+            self.scheduler.fail(req, reason)
+        return [token_output(r) for r in reqs]
+
+    def _pooled_step(self, batch: ScheduledBatch) -> list[TokenOutput]:
+        """Models without generation: one vector per request (all computed whole), and they are done."""
+        try:
+            hidden, lens = self.runner.hidden_states(batch)
+            vectors = pool(hidden, lens, self.pooling) if self.pooling else self.model.classify(hidden, lens)
+        except Exception as exc:
+            log.error("forward failed: %s", traceback.format_exc())
+            return self._fail(batch.reqs, FinishAbort(f"engine error: {type(exc).__name__}: {exc}"))
+        self.scheduler.process(batch, [-1] * len(batch.reqs))
+        outputs = [token_output(r) for r in batch.reqs]
+        for out, row in zip(outputs, vectors.tolist()):
+            out.embedding = row
+        return outputs

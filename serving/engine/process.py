@@ -1,0 +1,76 @@
+"""The engine process: receives requests, steps the model, sends token ids back."""
+
+import logging
+import signal
+import traceback
+from multiprocessing.connection import Connection
+
+import msgspec
+
+from kiln.serving.engine.core import EngineCore
+from kiln.serving.messages import (
+    AbortRequest,
+    EngineError,
+    FinishAbort,
+    FlushCache,
+    FlushReply,
+    GenerateRequest,
+    Shutdown,
+    StatsRequest,
+    StepOutput,
+    ToEngine,
+    TokenOutput,
+)
+from kiln.serving.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+
+
+def run_engine(args: ServerArgs, conn: Connection) -> None:
+    # The HTTP process decides when the engine stops (a SIGTERM to the process group must let it drain
+    # first); the engine also ends when the HTTP process's end of the pipe closes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s engine] %(message)s")
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(ToEngine).decode
+    send = lambda msg: conn.send_bytes(encode(msg))  # noqa: E731
+    try:
+        core = EngineCore(args)
+    except Exception as exc:
+        log.error("engine failed to start: %s", traceback.format_exc())
+        send(EngineError(f"{type(exc).__name__}: {exc}"))
+        return
+    send(core.engine_info())
+    while True:
+        try:
+            if not core.has_work:
+                conn.poll(None)
+            outputs: list[TokenOutput] = []
+            while conn.poll(0):
+                msg = decode(conn.recv_bytes())
+                if isinstance(msg, GenerateRequest):
+                    outputs += _add(core, msg)
+                elif isinstance(msg, AbortRequest):
+                    outputs += core.abort(msg.rid, msg.message)
+                elif isinstance(msg, StatsRequest):
+                    send(core.stats())
+                elif isinstance(msg, FlushCache):
+                    send(FlushReply(core.flush_cache()))
+                elif isinstance(msg, Shutdown):
+                    return
+            if core.has_work:
+                outputs += core.step()
+            if outputs:
+                send(StepOutput(outputs))
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            return  # the HTTP process is gone
+
+
+def _add(core: EngineCore, msg: GenerateRequest) -> list[TokenOutput]:
+    """Queues one request; whatever it carries, a failure ends that request alone."""
+    try:
+        return core.add(msg)
+    except Exception as exc:
+        log.error("could not queue request %s: %s", msg.rid, traceback.format_exc())
+        return [TokenOutput(msg.rid, [], len(msg.input_ids), 0, FinishAbort(f"engine error: {type(exc).__name__}: {exc}"))]
