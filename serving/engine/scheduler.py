@@ -150,6 +150,8 @@ class Scheduler:
         """Records each request's sampled token; returns the finished ones, already released."""
         done = []
         for req, ids, tok in zip(batch.reqs, batch.extends, next_ids):
+            if req.row < 0:
+                continue  # ended during this step (`fail`): already released
             req.kv_len += len(ids)
             if len(ids) > 1:
                 # After each prefill chunk the computed prefix goes into the cache, so that a chunked
