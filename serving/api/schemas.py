@@ -43,12 +43,10 @@ class DetokenizeReqInput(msgspec.Struct, forbid_unknown_fields=True):
     model: str | None = None
 
 
-class CompletionRequest(msgspec.Struct):
-    """The subset of OpenAI's /v1/completions that maps onto /generate."""
+class OpenAISampling(msgspec.Struct, kw_only=True):
+    """The sampling fields /v1/completions and /v1/chat/completions share (with SGLang's extras)."""
 
-    prompt: str | list[str | int | list[int]]
     model: str | None = None
-    max_tokens: Int64 | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: Int64 = -1
@@ -62,9 +60,16 @@ class CompletionRequest(msgspec.Struct):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: Int64 = 0
+    user: str | None = None
+
+
+class CompletionRequest(OpenAISampling, kw_only=True):
+    """The subset of OpenAI's /v1/completions that maps onto /generate."""
+
+    prompt: str | list[str | int | list[int]]
+    max_tokens: Int64 | None = 16
     echo: bool = False
     logprobs: Int64 | None = None
-    user: str | None = None
 
 
 class ImageUrl(msgspec.Struct):
@@ -86,27 +91,12 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     name: str | None = None
 
 
-class ChatCompletionRequest(msgspec.Struct):
+class ChatCompletionRequest(OpenAISampling, kw_only=True):
     messages: list[ChatMessage]
-    model: str | None = None
     max_tokens: Int64 | None = None
     max_completion_tokens: Int64 | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: Int64 = -1
-    min_p: float = 0.0
-    n: Int64 = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    min_tokens: Int64 = 0
     logprobs: bool = False
     top_logprobs: Int64 | None = None
-    user: str | None = None
 
 
 class EncodeReqInput(msgspec.Struct):
