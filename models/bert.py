@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from kiln.models.config import ModelConfig
 from kiln.models.pooling import span_rows
+from kiln.models.weights import copy_weight
 from kiln.ops.attention import AttentionMetadata, attention
 from kiln.ops.linear import Linear
 
@@ -179,7 +180,7 @@ class BertModel(nn.Module):
                 if name.startswith(self.unused_weights):
                     continue
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            params[name].data.copy_(tensor)
+            copy_weight(params[name].data, tensor)
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:

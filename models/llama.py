@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from kiln.models.config import ModelConfig
 from kiln.models.rope import RotaryEmbedding
+from kiln.models.weights import copy_weight
 from kiln.ops.attention import AttentionMetadata, attention
 from kiln.ops.linear import Linear
 
@@ -111,14 +112,14 @@ class LlamaForCausalLM(nn.Module):
             if fused is None:
                 if name not in params:
                     raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                params[name].data.copy_(tensor)
+                copy_weight(params[name].data, tensor)
                 loaded.add(name)
                 continue
             target_name = ".".join(parts[:-2] + [fused[0], parts[-1]])
             target = params[target_name].data
             sizes = self._fused_sizes(fused[0])
             offset = sum(sizes[: fused[1]])
-            target[offset : offset + sizes[fused[1]]].copy_(tensor)
+            copy_weight(target[offset : offset + sizes[fused[1]]], tensor)
             loaded.add(f"{target_name}#{fused[1]}")
         self._check_all_loaded(params, loaded)
 

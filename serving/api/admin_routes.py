@@ -1,16 +1,25 @@
-"""Health, model and server info, load, and the routes that change server state (/flush_cache, /abort_request)."""
+"""Health, model and server info, load, metrics, and the routes that change server state (cache, abort, weights, pause)."""
 
 import asyncio
 import time
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import NotFoundException
 
 from kiln import __version__
 from kiln.serving.api.context import ServingContext
 from kiln.serving.api.errors import EngineUnavailable, json_response
 from kiln.serving.api.http_io import read_body
-from kiln.serving.api.schemas import AbortReqInput
+from kiln.serving.api.auth import ADMIN
+from kiln.serving.api.metrics import CONTENT_TYPE
+from kiln.serving.api.schemas import (
+    AbortReqInput,
+    ContinueGenerationReqInput,
+    PauseGenerationReqInput,
+    UpdateWeightFromDiskReqInput,
+    UpdateWeightVersionReqInput,
+)
 from kiln.serving.sampling_params import InvalidRequest, SamplingParams
 
 FLUSH_MESSAGE = (
@@ -40,7 +49,7 @@ class InfoController(Controller):
 
     @get(["/get_model_info", "/model_info"])
     async def model_info(self, ctx: ServingContext) -> Response:
-        return json_response(ctx.model_info)
+        return json_response(ctx.tm.served.model_info())
 
     @get(["/get_server_info", "/server_info"])
     async def server_info(self, ctx: ServingContext) -> Response:
@@ -61,7 +70,26 @@ class InfoController(Controller):
         return json_response([{"dp_rank": 0, "num_running_reqs": stats.num_running_reqs, "num_waiting_reqs": stats.num_waiting_reqs, "num_tokens": used}])
 
 
+    @get("/get_weight_version")
+    async def weight_version(self, ctx: ServingContext) -> Response:
+        return json_response({"weight_version": ctx.tm.served.weight_version})
+
+    @get("/metrics", include_in_schema=False)
+    async def metrics(self, ctx: ServingContext) -> Response:
+        if ctx.metrics is None:
+            raise NotFoundException("Metrics are off; start the server with --enable-metrics.")
+        try:
+            stats = await ctx.engine.stats(timeout=5)
+        except (asyncio.TimeoutError, EngineUnavailable):
+            stats = None  # the request-side metrics still answer
+        return Response(content=ctx.metrics.exposition(stats), media_type=CONTENT_TYPE)
+
+
 class StateController(Controller):
+    """Routes that change server state: the admin key opens them when one is set."""
+
+    opt = {"auth": ADMIN}
+
     @post("/flush_cache", status_code=200)
     async def flush_cache(self, ctx: ServingContext) -> Response:
         flushed = await ctx.engine.flush_cache()
@@ -74,3 +102,48 @@ class StateController(Controller):
             raise InvalidRequest("abort_request needs rid or abort_all.")
         ctx.engine.abort("" if body.abort_all else body.rid)
         return Response(content=b"", status_code=200)
+
+    @post("/update_weights_from_disk", status_code=200, opt={"body": UpdateWeightFromDiskReqInput})
+    async def update_weights_from_disk(self, request: Request, ctx: ServingContext) -> Response:
+        """In-flight requests finish on the old weights (or are aborted), new ones wait; then the weights are
+        copied in place and the cache flushed. While generation is paused, the update runs at once."""
+        body: UpdateWeightFromDiskReqInput = await read_body(request)
+        if body.abort_all_requests:
+            ctx.engine.abort("")
+        async with ctx.tm.gate.update():
+            reply = await ctx.engine.update_weights(body.model_path, body.load_format, body.flush_cache)
+            message = reply.message
+            if reply.success:
+                ctx.tm.served.weights_updated(body.model_path, body.weight_version)
+                if body.weight_version is not None:
+                    message += f" Weight version updated to {body.weight_version}."
+        result = {"success": reply.success, "message": message, "num_paused_requests": 0}
+        return json_response(result, 200 if reply.success else 400)
+
+    @post("/update_weight_version", status_code=200, opt={"body": UpdateWeightVersionReqInput})
+    async def update_weight_version(self, request: Request, ctx: ServingContext) -> Response:
+        body: UpdateWeightVersionReqInput = await read_body(request)
+        if body.abort_all_requests:
+            ctx.engine.abort("")
+        ctx.tm.served.weight_version = body.new_version
+        message = f"Weight version updated to {body.new_version}"
+        return json_response({"success": True, "message": message, "new_version": body.new_version})
+
+    @post("/pause_generation", status_code=200, opt={"body": PauseGenerationReqInput, "empty_body": True})
+    async def pause_generation(self, request: Request, ctx: ServingContext) -> Response:
+        """New requests wait until /continue_generation; `abort` ends those in flight and returns once they
+        have, `retract` frees their K/V (recomputed on continue), `in_place` keeps them as they are."""
+        body: PauseGenerationReqInput = await read_body(request)
+        ctx.tm.gate.pause()
+        await ctx.engine.pause(body.mode)
+        # A request past the gate may reach the engine just after the abort: abort again until none is left.
+        while body.mode == "abort" and not await ctx.tm.gate.drained(timeout=1.0):
+            ctx.engine.abort("")
+        return json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+    @post("/continue_generation", status_code=200, opt={"body": ContinueGenerationReqInput, "empty_body": True})
+    async def continue_generation(self, request: Request, ctx: ServingContext) -> Response:
+        await read_body(request)
+        await ctx.engine.resume()
+        ctx.tm.gate.resume()
+        return json_response({"message": "Generation continued successfully.", "status": "ok"})

@@ -9,6 +9,7 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 
 from kiln.serving.api.admin_routes import InfoController, StateController
+from kiln.serving.api.auth import auth_guard
 from kiln.serving.api.context import ServingContext
 from kiln.serving.api.engine_client import EngineClient
 from kiln.serving.api.errors import EXCEPTION_HANDLERS, error_response, json_response
@@ -17,7 +18,9 @@ from kiln.serving.api.openai_routes import OpenAIController
 from kiln.serving.api.openai_serving import OpenAIServing
 from kiln.serving.api.openapi import openapi_document
 from kiln.serving.api.pooled_routes import PooledController
+from kiln.serving.api.metrics import ServingMetrics
 from kiln.serving.api.pooled_serving import EmbeddingServing
+from kiln.serving.api.served_model import ServedModel
 from kiln.serving.api.tokenizer_manager import TokenizerManager
 from kiln.serving.api.validator import Validator
 from kiln.serving.sampling_params import SamplingParams
@@ -25,6 +28,19 @@ from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
 
 log = logging.getLogger("kiln")
+
+def guards(*hooks: Any) -> Any:
+    """One before_request hook running several: the first answer stops the request."""
+
+    async def run(request: Request) -> Response | None:
+        for hook in hooks:
+            response = await hook(request)
+            if response is not None:
+                return response
+        return None
+
+    return run
+
 
 def origin_guard(allowed: tuple[str, ...]) -> Any:
     """Refuses requests that change state from a web page of another origin (browsers send Origin; curl does not)."""
@@ -47,23 +63,14 @@ def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
     info = engine.info
     tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint)
     validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
-    tm = TokenizerManager(engine, tokenizer, validator, args.weight_version)
     model_path = args.model_path or info.checkpoint
-    model_info = {
-        "model_path": model_path,
-        "tokenizer_path": args.tokenizer_path or model_path,
-        "is_generation": info.model_kind == "generation",
-        "preferred_sampling_params": None,
-        "weight_version": args.weight_version,
-        "has_image_understanding": False,
-        "has_audio_understanding": False,
-        "model_type": info.model_type,
-        "architectures": info.architectures,
-    }
-    served_name = args.served_model_name or model_path
-    ctx = ServingContext(
-        args, engine, tm, model_info, served_name, OpenAIServing(tm, served_name), EmbeddingServing(tm, info.model_kind, served_name)
-    )
+    served = ServedModel(
+        model_path, args.tokenizer_path or model_path, args.served_model_name or model_path, args.weight_version, info,
+        fixed_name=args.served_model_name is not None,
+    )  # fmt: skip
+    metrics = ServingMetrics(served.name) if args.enable_metrics else None
+    tm = TokenizerManager(engine, tokenizer, validator, served, metrics)
+    ctx = ServingContext(args, engine, tm, OpenAIServing(tm), EmbeddingServing(tm, info.model_kind), metrics)
 
     async def start_reader() -> None:
         engine.start_reader(asyncio.get_running_loop())
@@ -89,7 +96,7 @@ def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
         ],  # fmt: skip
         dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        before_request=origin_guard(origins),
+        before_request=guards(auth_guard(args.api_key, args.admin_api_key), origin_guard(origins)),
         cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
         on_startup=[start_reader, warmup, ready],
         on_shutdown=[engine.shutdown],

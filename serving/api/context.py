@@ -2,9 +2,9 @@
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.metrics import ServingMetrics
 from kiln.serving.api.openai_serving import OpenAIServing
 from kiln.serving.api.pooled_serving import EmbeddingServing
 from kiln.serving.api.tokenizer_manager import TokenizerManager
@@ -16,10 +16,9 @@ class ServingContext:
     args: ServerArgs
     engine: EngineClient
     tm: TokenizerManager
-    model_info: dict[str, Any]
-    served_name: str
     oai: OpenAIServing
     pooled: EmbeddingServing
+    metrics: ServingMetrics | None
     start_time: float = field(default_factory=time.time)
 
     @property

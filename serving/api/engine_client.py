@@ -4,6 +4,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,18 +13,22 @@ import msgspec
 from kiln.serving.api.errors import EngineUnavailable
 from kiln.serving.messages import (
     AbortRequest,
+    ContinueGeneration,
+    ControlReply,
     EngineError,
     EngineInfo,
     EngineStats,
     FinishAbort,
     FlushCache,
-    FlushReply,
     FromEngine,
     GenerateRequest,
+    PauseGeneration,
+    PauseMode,
     Shutdown,
     StatsRequest,
     StepOutput,
     TokenOutput,
+    UpdateWeights,
 )
 from kiln.serving.sampling_params import InvalidRequest
 from kiln.serving.server_args import ServerArgs
@@ -67,8 +72,8 @@ class EngineClient:
             raise EngineStartError(first.message if isinstance(first, EngineError) else "engine process exited during start-up")
         self.info: EngineInfo = first
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
-        self._stats_waiters: list[asyncio.Future[EngineStats]] = []
-        self._flush_waiters: list[asyncio.Future[bool]] = []
+        # The engine answers StatsRequest and the control messages in the order they were sent.
+        self._replies: deque[asyncio.Future[Any]] = deque()
         self.unavailable: str | None = None  # why new requests are refused (shutdown, engine death)
         self.dead = False
         self._stopping = False  # we asked the engine to stop: its exit is no death
@@ -109,16 +114,10 @@ class EngineClient:
                 queue = self._queues.get(out.rid)
                 if queue is not None:
                     queue.put_nowait(out)
-        elif isinstance(msg, EngineStats):
-            waiters, self._stats_waiters = self._stats_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(msg)
-        elif isinstance(msg, FlushReply):
-            waiters, self._flush_waiters = self._flush_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(msg.success)
+        elif isinstance(msg, (EngineStats, ControlReply)):
+            fut = self._replies.popleft()
+            if not fut.done():  # its caller may have timed out
+                fut.set_result(msg)
         elif isinstance(msg, EngineError):
             log.error("engine: %s", msg.message)
 
@@ -131,7 +130,7 @@ class EngineClient:
         log.error("the engine process exited (exit code %s); failing %d requests", self.process.exitcode, len(self._queues))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, [], 0, 0, FinishAbort("The engine process exited.", 503)))
-        for fut in self._stats_waiters + self._flush_waiters:
+        for fut in self._replies:
             if not fut.done():
                 fut.set_exception(EngineUnavailable(self.unavailable))
         if self.on_death is not None:
@@ -185,18 +184,29 @@ class EngineClient:
         """Aborts one request, or every one for rid ""."""
         self._send(AbortRequest(rid, message))
 
+    async def _ask(self, msg: Any, timeout: float | None) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._send(msg)
+        self._replies.append(fut)
+        # A timed-out wait leaves the future in the queue: the late reply still pairs with it.
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+
     async def stats(self, timeout: float = 10.0) -> EngineStats:
-        fut: asyncio.Future[EngineStats] = asyncio.get_running_loop().create_future()
-        self._stats_waiters.append(fut)
-        self._send(StatsRequest())
-        return await asyncio.wait_for(fut, timeout)
+        return await self._ask(StatsRequest(), timeout)
 
     async def flush_cache(self, timeout: float = 10.0) -> bool:
         """Empties the radix cache; False (and nothing flushed) while requests run or wait."""
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append(fut)
-        self._send(FlushCache())
-        return await asyncio.wait_for(fut, timeout)
+        return (await self._ask(FlushCache(), timeout)).success
+
+    async def update_weights(self, model_path: str, load_format: str | None, flush_cache: bool) -> ControlReply:
+        """Loads a checkpoint's weights into the served model (no timeout: a big checkpoint takes minutes)."""
+        return await self._ask(UpdateWeights(model_path, load_format, flush_cache), None)
+
+    async def pause(self, mode: PauseMode) -> None:
+        await self._ask(PauseGeneration(mode), 60)
+
+    async def resume(self) -> None:
+        await self._ask(ContinueGeneration(), 60)
 
     def stop_accepting(self, reason: str) -> None:
         """New requests get a 503 with `reason`; those in flight carry on."""

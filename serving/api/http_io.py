@@ -14,8 +14,13 @@ from kiln.serving.sampling_params import InvalidRequest
 
 
 async def read_body(request: Request) -> Any:
-    """The body decoded into the struct the route declares as `opt={"body": Struct}` (which the OpenAPI schema shows)."""
-    return await decode_body(await request.body(), request.route_handler.opt["body"])
+    """The body decoded into the struct the route declares as `opt={"body": Struct}` (which the OpenAPI schema shows);
+    routes with `opt={"empty_body": True}` take no body as the struct's defaults."""
+    opt = request.route_handler.opt
+    body = await request.body()
+    if not body.strip() and opt.get("empty_body"):
+        body = b"{}"
+    return await decode_body(body, opt["body"])
 
 
 async def sse(request: Request, chunks: AsyncIterator[dict[str, Any]]) -> Response | Stream:

@@ -15,11 +15,11 @@ class OpenAIController(Controller):
     @get("/v1/models")
     async def models(self, ctx: ServingContext) -> Response:
         card = {
-            "id": ctx.served_name,
+            "id": ctx.tm.served.name,
             "object": "model",
             "created": int(ctx.start_time),
             "owned_by": "kiln",
-            "root": ctx.model_info["model_path"],
+            "root": ctx.tm.served.path,
             "max_model_len": ctx.tm.context_len,
         }
         return json_response({"object": "list", "data": [card]})

@@ -56,9 +56,8 @@ def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
 
 
 class OpenAIServing:
-    def __init__(self, tm: TokenizerManager, model_name: str):
+    def __init__(self, tm: TokenizerManager):
         self.tm = tm
-        self.model_name = model_name
 
     async def _prompts(self, prompt: str | list[Any]) -> list[list[int]]:
         """A string, a list of strings, a list of token ids, or a list of such lists (not mixed)."""
@@ -161,11 +160,11 @@ class OpenAIServing:
             "id": f"{prefix}-{uuid.uuid4().hex}",
             "object": kind,
             "created": int(time.time()),
-            "model": self.model_name,
+            "model": self.tm.served.name,
             "choices": choices,
             "usage": usage,
         }
 
     def _chunk(self, rid: str, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.tm.served.name, "choices": [choice]}
 

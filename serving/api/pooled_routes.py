@@ -27,4 +27,4 @@ class PooledController(Controller):
     async def score_items(self, request: Request, ctx: ServingContext) -> Response:
         obj = await read_body(request)
         require_kind("/v1/score", ctx.kind, ("generation",))
-        return await answer(request, score(ctx.tm, obj, ctx.served_name))
+        return await answer(request, score(ctx.tm, obj))

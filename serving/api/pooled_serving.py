@@ -30,10 +30,9 @@ def _a(word: str) -> str:
 
 
 class EmbeddingServing:
-    def __init__(self, tm: TokenizerManager, kind: str, served_name: str):
+    def __init__(self, tm: TokenizerManager, kind: str):
         self.tm = tm
         self.kind = kind
-        self.served_name = served_name
 
     async def _ids_of(self, text: str | list[str] | None, input_ids: list[Any] | None) -> tuple[list[list[int]], bool]:
         if (text is None) == (input_ids is None):
@@ -55,7 +54,7 @@ class EmbeddingServing:
         meta = result["meta_info"]
         if result.get("embedding") is None:
             raise RuntimeError(f"The request was aborted: {(meta['finish_reason'] or {}).get('message', 'no output')}")
-        keep = {"id": req.rid, "finish_reason": meta["finish_reason"], "prompt_tokens": len(req.input_ids), "weight_version": self.tm.weight_version}
+        keep = {"id": req.rid, "finish_reason": meta["finish_reason"], "prompt_tokens": len(req.input_ids), "weight_version": self.tm.served.weight_version}
         return {"embedding": result["embedding"], "meta_info": keep | {"e2e_latency": time.monotonic() - start}}
 
     # ---- endpoints ----
@@ -85,7 +84,7 @@ class EmbeddingServing:
         data = [{"object": "embedding", "embedding": self._encoded(r["embedding"], obj.encoding_format), "index": i} for i, r in enumerate(results)]
         tokens = sum(len(p) for p in prompts)
         usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens, "prompt_tokens_details": None}
-        return {"object": "list", "data": data, "model": obj.model or self.served_name, "usage": usage}
+        return {"object": "list", "data": data, "model": obj.model or self.tm.served.name, "usage": usage}
 
     @staticmethod
     def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:

@@ -6,6 +6,7 @@ decoding at the third, and integers are bounded to 64 bits before anything compu
 
 import msgspec
 
+from kiln.serving.messages import PauseMode
 from kiln.serving.sampling_params import Int64, SamplingParams
 
 # Token ids, or a batch of them: homogeneity and the vocabulary are checked by the validator.
@@ -29,6 +30,34 @@ class GenerateReqInput(msgspec.Struct):
 class AbortReqInput(msgspec.Struct):
     rid: str | None = None
     abort_all: bool = False
+
+
+class UpdateWeightFromDiskReqInput(msgspec.Struct):
+    model_path: str
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    flush_cache: bool = True  # False keeps the radix cache, whose K/V came from the old weights
+    # SGLang's other fields are accepted and have nothing to do here: CUDA graphs hold the parameters'
+    # storage, which the update writes into, so they never need re-capturing.
+    is_async: bool = False
+    torch_empty_cache: bool = False
+    keep_pause: bool = False
+    recapture_cuda_graph: bool = False
+    token_step: Int64 = 0
+
+
+class UpdateWeightVersionReqInput(msgspec.Struct):
+    new_version: str
+    abort_all_requests: bool = True
+
+
+class PauseGenerationReqInput(msgspec.Struct):
+    mode: PauseMode = "abort"
+
+
+class ContinueGenerationReqInput(msgspec.Struct):
+    torch_empty_cache: bool = True
 
 
 class TokenizeReqInput(msgspec.Struct, forbid_unknown_fields=True):

@@ -32,7 +32,7 @@ async def _sequences(tm: TokenizerManager, obj: ScoreRequest) -> list[list[int]]
     return tm.validator.token_ids(seqs, "query and items")[1]
 
 
-async def score(tm: TokenizerManager, obj: ScoreRequest, served_name: str) -> dict[str, Any]:
+async def score(tm: TokenizerManager, obj: ScoreRequest) -> dict[str, Any]:
     labels = obj.label_token_ids
     if not labels or not all(0 <= t < tm.vocab_size for t in labels):
         raise InvalidRequest(f"label_token_ids must be a non-empty list of token ids in [0, {tm.vocab_size}).")
@@ -53,4 +53,4 @@ async def score(tm: TokenizerManager, obj: ScoreRequest, served_name: str) -> di
             scores.append([math.exp(lp) for lp in logprobs])
     tokens = sum(len(q.input_ids) for q in reqs)
     usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens, "prompt_tokens_details": None}
-    return {"scores": scores, "model": obj.model or served_name, "usage": usage, "object": "scoring"}
+    return {"scores": scores, "model": obj.model or tm.served.name, "usage": usage, "object": "scoring"}

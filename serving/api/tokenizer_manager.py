@@ -12,6 +12,9 @@ import msgspec
 from kiln.serving.api.detokenizer import IncrementalDetokenizer, trim_stop
 from kiln.serving.api.engine_client import EngineClient
 from kiln.serving.api.errors import EngineUnavailable
+from kiln.serving.api.generation_gate import GenerationGate
+from kiln.serving.api.metrics import ServingMetrics
+from kiln.serving.api.served_model import ServedModel
 from kiln.serving.api.schemas import GenerateReqInput
 from kiln.serving.api.validator import Validator
 from kiln.serving.messages import FinishAbort, FinishStop, GenerateRequest, LogprobRequest, TokenOutput
@@ -58,11 +61,13 @@ def _raise_if_refused(out: TokenOutput) -> None:
 
 
 class TokenizerManager:
-    def __init__(self, engine: EngineClient, tokenizer: Any, validator: Validator, weight_version: str, workers: int = 2):
+    def __init__(self, engine: EngineClient, tokenizer: Any, validator: Validator, served: ServedModel, metrics: ServingMetrics | None, workers: int = 2):
         self.engine = engine
         self.tokenizer = tokenizer
         self.validator = validator
-        self.weight_version = weight_version
+        self.served = served
+        self.metrics = metrics
+        self.gate = GenerationGate()
         self.context_len = engine.info.limits.context_length
         self.vocab_size = engine.info.limits.vocab_size
         # Tokenizing a long text takes seconds; the tokenizers library releases the GIL, so threads keep the loop free.
@@ -141,8 +146,11 @@ class TokenizerManager:
         hold = max((len(s) for s in p.stop_strings), default=1) - 1
         output_ids: list[int] = []
         lp: dict[str, list[Any]] = {k: [] for k in LOGPROB_KEYS}
+        timer = self.metrics.timer(streaming=partial) if self.metrics else None
         async for out in self.engine.generate(GenerateRequest(req.rid, req.input_ids, p, req.logprob)):
             _raise_if_refused(out)
+            if timer:
+                timer.output(out)
             output_ids += out.new_ids
             if req.logprob:
                 self._add_logprobs(lp, out, req)
@@ -165,7 +173,7 @@ class TokenizerManager:
                     "id": req.rid,
                     "finish_reason": None if finish is None else msgspec.to_builtins(finish),
                     "prompt_tokens": out.prompt_tokens or len(req.input_ids),
-                    "weight_version": self.weight_version,
+                    "weight_version": self.served.weight_version,
                     "total_retractions": out.retractions,
                     "completion_tokens": len(output_ids),
                     "cached_tokens": out.cached_tokens,
@@ -204,25 +212,27 @@ class TokenizerManager:
 
     async def run_all(self, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
         rids = [r.rid for r in reqs]
-        queues = self.engine.open(rids)
-        try:
-            return await gather_or_cancel(self._last(r) for r in reqs)
-        finally:
-            self.engine.close(rids, queues)
+        async with self.gate.request():
+            queues = self.engine.open(rids)
+            try:
+                return await gather_or_cancel(self._last(r) for r in reqs)
+            finally:
+                self.engine.close(rids, queues)
 
     async def stream_all(self, reqs: list[SingleRequest], is_batch: bool) -> AsyncIterator[dict[str, Any]]:
         """Interleaves the streams of several requests; batch chunks carry their `index`."""
         rids = [r.rid for r in reqs]
-        queues = self.engine.open(rids)
-        try:
-            if not is_batch:
-                async for chunk in self.stream_one(reqs[0]):
+        async with self.gate.request():
+            queues = self.engine.open(rids)
+            try:
+                if not is_batch:
+                    async for chunk in self.stream_one(reqs[0]):
+                        yield chunk
+                    return
+                async for chunk in self._merged(reqs):
                     yield chunk
-                return
-            async for chunk in self._merged(reqs):
-                yield chunk
-        finally:
-            self.engine.close(rids, queues)
+            finally:
+                self.engine.close(rids, queues)
 
     async def _merged(self, reqs: list[SingleRequest]) -> AsyncIterator[dict[str, Any]]:
         queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue()

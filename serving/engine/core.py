@@ -4,6 +4,7 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,25 @@ from kiln.serving.engine.radix_cache import RadixCache
 from kiln.serving.engine.request import Req
 from kiln.serving.engine.sampler import apply_penalties, sample
 from kiln.serving.engine.scheduler import ScheduledBatch, Scheduler
-from kiln.serving.messages import EngineInfo, EngineStats, FinishAbort, GenerateRequest, RequestLimits, TokenOutput
+from kiln.serving.engine.weight_update import WeightUpdater
+from kiln.serving.messages import (
+    ControlReply,
+    EngineInfo,
+    EngineStats,
+    FinishAbort,
+    GenerateRequest,
+    PauseMode,
+    RequestLimits,
+    TokenOutput,
+    UpdateWeights,
+)
 from kiln.serving.request_checks import InvalidRequest, check_request
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+THROUGHPUT_WINDOW_S = 10.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,6 +137,9 @@ class EngineCore:
         )
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
+        self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding)
+        self.paused = False
+        self._generated: deque[tuple[float, int]] = deque()  # (time, output tokens) per step, for gen_throughput
 
     def _pooling_config(self) -> PoolingConfig:
         default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)
@@ -154,17 +171,32 @@ class EngineCore:
         )
 
     def stats(self) -> EngineStats:
-        """The figures /get_server_info and /get_load report."""
+        """The figures /get_server_info, /get_load and /metrics report."""
         compiled = {**self.compiled.counters(), "cuda_graph_reserved_mb": round(self.graph_reserve / 1e6, 1)} if self.compiled else {"enabled": False}
+        sched, cache = self.scheduler, self.scheduler.cache
+        used = self.pool.size - self.pool.free_slots - (cache.evictable_size() if cache else 0)
+        self._trim_generated()
+        span = max(time.monotonic() - self._generated[0][0], 1.0) if self._generated else 1.0
         return EngineStats(
-            num_running_reqs=len(self.scheduler.running),
-            num_waiting_reqs=len(self.scheduler.waiting) + len(self.compiling),
+            num_running_reqs=len(sched.running),
+            num_waiting_reqs=len(sched.waiting) + len(self.compiling),
             free_slots=self.pool.free_slots,
-            available_slots=self.scheduler.available(),
-            cached_tokens_in_tree=self.scheduler.cache.total_size() if self.scheduler.cache else 0,
-            total_retractions=self.scheduler.total_retractions,
+            available_slots=sched.available(),
+            cached_tokens_in_tree=cache.total_size() if cache else 0,
+            total_retractions=sched.total_retractions,
+            num_used_tokens=used,
+            token_usage=used / self.pool.size,
+            cache_hit_rate=sched.admitted_cached_tokens / sched.admitted_tokens if sched.admitted_tokens else 0.0,
+            gen_throughput=sum(n for _, n in self._generated) / span,
+            num_retracted_reqs=sum(1 for r in sched.waiting if r.retractions),
+            paused=self.paused,
             compile=compiled,
         )
+
+    def _trim_generated(self) -> None:
+        horizon = time.monotonic() - THROUGHPUT_WINDOW_S
+        while self._generated and self._generated[0][0] < horizon:
+            self._generated.popleft()
 
     def add(self, msg: GenerateRequest) -> list[TokenOutput]:
         """Queues a request, or refuses it (a 400 for its client) when it breaks a rule: defence in depth,
@@ -204,6 +236,28 @@ class EngineCore:
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()
 
+    def pause(self, mode: PauseMode) -> list[TokenOutput]:
+        """Stops stepping; `abort` ends every request, `retract` frees the running ones' K/V, `in_place` keeps it."""
+        outputs = self.abort("") if mode == "abort" else []
+        if mode == "retract":
+            self.scheduler.retract_all()
+        self.paused = True
+        return outputs
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def update_weights(self, msg: UpdateWeights) -> ControlReply:
+        """Copies a checkpoint into the served parameters. Requests still running (paused in place) are
+        retracted, and the cache flushed, since their K/V came from the old weights."""
+        ok, message = self.weights.update(msg.model_path, msg.load_format)
+        if ok:
+            self.checkpoint = self.weights.checkpoint
+            self.scheduler.retract_all()
+            if msg.flush_cache:
+                self.scheduler.reset_cache()
+        return ControlReply(ok, message)
+
     def abort(self, rid: str, message: str | None = None) -> list[TokenOutput]:
         hit = [r for r, _ in self.compiling if not rid or r.rid == rid]
         self.compiling = [(r, f) for r, f in self.compiling if r not in hit]
@@ -242,6 +296,7 @@ class EngineCore:
         logprobs = self._sample(logits, ready, [batch.reqs[i] for i in ready], mask, next_ids)
         before = [len(r.output_ids) for r in batch.reqs]
         self.scheduler.process(batch, next_ids)
+        self._generated.append((time.monotonic(), len(ready)))
         for j, i in enumerate(ready):
             req = batch.reqs[i]
             if logprobs is not None and req.logprob and len(req.output_ids) > before[i]:

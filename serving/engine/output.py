@@ -8,6 +8,8 @@ def token_output(req: Req) -> TokenOutput:
     """The ids (and logprobs) the request produced since its last output, and its finish reason."""
     start, req.sent = req.sent, len(req.output_ids)
     out = TokenOutput(req.rid, req.output_ids[start:], len(req.input_ids), req.cached_tokens, req.finish_reason, req.retractions)
+    if start == 0:
+        out.queue_time = req.queue_time
     if req.logprob and start == 0 and (req.output_ids or req.finished):
         out.input_logprobs = req.input_logprobs
         out.input_top_logprobs = req.input_top_logprobs

@@ -10,16 +10,19 @@ import msgspec
 from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import (
     AbortRequest,
+    ContinueGeneration,
+    ControlReply,
     EngineError,
     FinishAbort,
     FlushCache,
-    FlushReply,
     GenerateRequest,
+    PauseGeneration,
     Shutdown,
     StatsRequest,
     StepOutput,
     ToEngine,
     TokenOutput,
+    UpdateWeights,
 )
 from kiln.serving.server_args import ServerArgs
 
@@ -44,7 +47,7 @@ def run_engine(args: ServerArgs, conn: Connection) -> None:
     send(core.engine_info())
     while True:
         try:
-            if not core.has_work:
+            if not core.has_work or core.paused:
                 conn.poll(None)
             outputs: list[TokenOutput] = []
             while conn.poll(0):
@@ -56,10 +59,18 @@ def run_engine(args: ServerArgs, conn: Connection) -> None:
                 elif isinstance(msg, StatsRequest):
                     send(core.stats())
                 elif isinstance(msg, FlushCache):
-                    send(FlushReply(core.flush_cache()))
+                    send(ControlReply(core.flush_cache()))
+                elif isinstance(msg, UpdateWeights):
+                    send(core.update_weights(msg))
+                elif isinstance(msg, PauseGeneration):
+                    outputs += core.pause(msg.mode)
+                    send(ControlReply(True))
+                elif isinstance(msg, ContinueGeneration):
+                    core.resume()
+                    send(ControlReply(True))
                 elif isinstance(msg, Shutdown):
                     return
-            if core.has_work:
+            if core.has_work and not core.paused:
                 outputs += core.step()
             if outputs:
                 send(StepOutput(outputs))

@@ -1,6 +1,8 @@
 """One request's state inside the engine, and the rules that finish it."""
 
+import time
 from collections.abc import Callable
+
 import torch
 import xgrammar as xgr
 
@@ -32,6 +34,8 @@ class Req:
         self.input_top_logprobs: list[list[tuple[float, int]]] = [[]] if start == 0 else []
         self.input_ids_logprobs: list[list[tuple[float, int]]] = [[]] if start == 0 else []
         self.admitted = False
+        self.arrival = time.monotonic()
+        self.queue_time: float | None = None  # seconds from arrival to first admission
         self.finish_reason: FinishReason | None = None
         self.sent = 0  # output ids already reported to the client
         self.generator = torch.Generator().manual_seed(params.sampling_seed if params.sampling_seed is not None else seed)

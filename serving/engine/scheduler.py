@@ -10,6 +10,7 @@ longest cached prefix, and finished requests leave their tokens in the cache.
 """
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.total_retractions = 0
+        self.admitted_tokens = 0  # prompt tokens of requests admitted so far, and how many came from the cache
+        self.admitted_cached_tokens = 0
 
     def add(self, req: Req) -> None:
         self.waiting.append(req)
@@ -101,12 +104,15 @@ class Scheduler:
     def _retract_until_fits(self, plan: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
         while plan and sum(n for _, n in plan) > self.available() and len(plan) > 1:
             req, _ = plan.pop()  # the newest admitted goes back first
-            self._release(req)
-            req.kv_len = req.alloc_len = 0
-            req.retractions += 1
-            self.total_retractions += 1
-            self.waiting.appendleft(req)
+            self._retract(req)
         return plan
+
+    def _retract(self, req: Req) -> None:
+        self._release(req)
+        req.kv_len = req.alloc_len = 0
+        req.retractions += 1
+        self.total_retractions += 1
+        self.waiting.appendleft(req)
 
     def _admit(self, plan: list[tuple[Req, int]], budget: int) -> None:
         if self.policy == "lpm" and self.cache and len(self.waiting) > 1:
@@ -139,6 +145,9 @@ class Scheduler:
                 self.pool.set_slots(req.row, 0, prefix)
             if not req.admitted:
                 req.cached_tokens, req.admitted = len(prefix), True
+                req.queue_time = time.monotonic() - req.arrival
+                self.admitted_tokens += len(req.input_ids)
+                self.admitted_cached_tokens += len(prefix)
             self.running.append(req)
             if self.cache and len(prefix) < len(req.input_ids) - 1:
                 prefilling.add(tuple(req.input_ids))
@@ -189,12 +198,22 @@ class Scheduler:
         elif req in self.running:
             self._release(req)
 
+    def retract_all(self) -> None:
+        """Sends every running request back to the queue, its K/V freed (recomputed when it runs again)."""
+        for req in reversed(list(self.running)):
+            self._retract(req)
+
     def flush_cache(self) -> bool:
+        """Empties the radix cache, only when no request runs or waits (as SGLang's /flush_cache)."""
         if self.has_work:
             return False
+        self.reset_cache()
+        return True
+
+    def reset_cache(self) -> None:
+        """Empties the radix cache; no request may be running (they lock the prefixes they use)."""
         if self.cache:
             self.cache.reset(self.pool.free)
-        return True
 
     def _cache_progress(self, req: Req) -> None:
         """Puts the computed prefix in the cache between prefill chunks, and holds it from there."""

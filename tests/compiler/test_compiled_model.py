@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from kiln.compiler.piecewise import RecompileError
 from kiln.models.loader import resolve_checkpoint
 from kiln.serving.engine.core import EngineCore
-from kiln.serving.messages import FinishAbort, GenerateRequest
+from kiln.serving.messages import FinishAbort, GenerateRequest, UpdateWeights
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
 
@@ -90,3 +90,26 @@ def test_an_unwarmed_shape_is_an_error_not_a_recompile(engines):
         artifacts.update(saved)
         compiled.abort("")
     assert drive(compiled, [[("y", [1, 2, 3], 2)]])["y"]
+
+
+def test_weights_updated_in_place_keep_every_compiled_bucket(engines, tmp_path):
+    """The update copies into the parameters' storage: the compiled pieces serve the new weights as they are."""
+    eager, compiled = engines
+    original = compiled.checkpoint
+    torch.manual_seed(1)
+    LlamaForCausalLM.from_pretrained(original).apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None).save_pretrained(tmp_path)
+    before = compiled.stats().compile
+    wave = [[("u0", [1, 2, 3, 4, 5], 6), ("u1", list(range(10, 40)), 6), ("u2", [7], 6)]]
+    old = drive(compiled, wave)
+    try:
+        for core in engines:
+            assert core.update_weights(UpdateWeights(str(tmp_path))).success
+        new = drive(compiled, wave)
+        assert new == drive(eager, wave) and new != old
+    finally:
+        for core in engines:
+            assert core.update_weights(UpdateWeights(str(original))).success
+    assert drive(compiled, wave) == old
+    after = compiled.stats().compile
+    for key in ("recompiles", "piece_compiles", "cache_misses", "eager_fallbacks", "graph_breaks"):
+        assert after[key] == before[key], key

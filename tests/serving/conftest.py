@@ -222,3 +222,33 @@ def wait_idle(client: httpx.Client) -> Callable[..., dict[str, Any]]:
             time.sleep(0.2)
 
     return _wait
+
+
+
+@dataclass
+class KeyedServer:
+    """A running server with both keys set; `client` sends the API key, `admin` the admin key."""
+
+    url: str
+    api_key: str
+    admin_key: str
+    client: httpx.Client
+    admin: httpx.Client
+    process: KilnProcess
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
+    """The default model (float32, eager) with --api-key, --admin-api-key and --enable-metrics: the
+    production routes' tests (weights, metrics, keys) share it, one at a time."""
+    api_key, admin_key = "api-key-for-tests", "admin-key-for-tests"
+    args = [
+        "--dtype", "float32", "--max-total-tokens", "4096", "--max-running-requests", "8", "--disable-compile",
+        "--enable-metrics", "--api-key", api_key, "--admin-api-key", admin_key,
+    ]  # fmt: skip
+    with serve_kiln_process(_free_port(), args, tmp_path_factory.mktemp("keyed_server")) as server:
+        client = lambda key: httpx.Client(  # noqa: E731
+            base_url=server.url, timeout=REQUEST_TIMEOUT_S, trust_env=False, headers={"Authorization": f"Bearer {key}"}
+        )
+        with client(api_key) as c, client(admin_key) as a:
+            yield KeyedServer(server.url, api_key, admin_key, c, a, server)

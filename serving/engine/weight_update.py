@@ -1,0 +1,65 @@
+"""Replacing the served weights with a checkpoint's, in place: the parameters keep their storage, so compiled
+pieces and captured CUDA graphs (which hold pointers to it) stay valid, and nothing is recompiled.
+
+The checkpoint is checked whole first (its architecture, then every tensor's name and shape, from the
+files' headers), so a wrong checkpoint leaves the old weights untouched. Only a failure while copying
+(a file that cannot be read) needs the old checkpoint read back.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+from torch import nn
+
+from kiln.models.loader import read_config, resolve_checkpoint
+from kiln.models.registry import model_class
+from kiln.models.weights import check_weights, iter_weights, weight_files
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "Succeeded to update model weights."
+LOAD_FORMATS = (None, "auto", "safetensors", "gguf")
+
+
+def _reason(exc: BaseException) -> str:
+    # A KeyError's str() wraps its message in quotes.
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+class WeightUpdater:
+    def __init__(self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool):
+        self.model = model
+        self.checkpoint = checkpoint  # the folder the served weights came from
+        self.cache_dir = cache_dir
+        self.is_embedding = is_embedding
+
+    def update(self, model_path: str, load_format: str | None) -> tuple[bool, str]:
+        """(success, message) with SGLang's messages; on failure the served weights are the old ones."""
+        t0 = time.monotonic()
+        if load_format not in LOAD_FORMATS:
+            return False, f"Unknown load_format: {load_format}"
+        try:
+            folder = resolve_checkpoint(model_path, self.cache_dir)
+            cfg = read_config(folder)
+            weight_files(folder)
+        except Exception as exc:
+            log.error("update_weights_from_disk: %s", exc)
+            return False, f"Failed to get weights iterator: {_reason(exc)}."
+        try:
+            served, new = type(self.model), model_class(cfg, self.is_embedding)
+            if new is not served:
+                raise ValueError(f"the checkpoint is a {cfg.architectures[0]} ({new.__name__}) but the server runs {served.__name__}")
+            check_weights(self.model, folder)
+        except Exception as exc:
+            log.error("update_weights_from_disk: %s", exc)
+            return False, f"Failed to update weights: {_reason(exc)}.\nRolling back to original weights."
+        try:
+            self.model.load_weights(iter_weights(folder))
+        except Exception as exc:
+            log.error("update_weights_from_disk failed while copying (%s); reading back %s", exc, self.checkpoint)
+            self.model.load_weights(iter_weights(self.checkpoint))  # a failure here leaves no weights to serve
+            return False, f"Failed to update weights: {_reason(exc)}.\nRolling back to original weights."
+        self.checkpoint = folder
+        log.info("Update weights end: now serving %s (%.2fs)", folder, time.monotonic() - t0)
+        return True, SUCCESS
