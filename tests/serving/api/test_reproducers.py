@@ -4,7 +4,6 @@ Each hostile request now gets a 4xx in SGLang's error shape (or the stated behav
 request running at the same time finishes with exactly its greedy text.
 """
 
-import json
 import subprocess
 import sys
 import threading
@@ -127,16 +126,14 @@ def test_whole_number_floats_are_integers(generate):
 
 
 def test_completions_default_max_tokens_is_per_prompt(client):
-    """max_tokens null: each prompt gets the rest of its own context (the first one's must not leak into the second)."""
+    """max_tokens null: each prompt gets the rest of its own context. Had the first one's leaked into the
+    second, the second would overrun the context and the request would be a 400 before any chunk."""
     body = {"prompt": [[1, 2], [1] * 300], "max_tokens": None, "temperature": 0, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as resp:
         assert resp.status_code == 200, resp.read()
-        seen: set[int] = set()
-        for line in resp.iter_lines():
-            if line.startswith("data: {"):
-                seen.add(json.loads(line[6:])["choices"][0]["index"])
-            if seen == {0, 1}:
-                break  # leaving aborts both
+        # The first chunk is enough: the second prompt may wait for room in the pool (each reserves
+        # part of a whole context's output), and leaving aborts both.
+        assert next(line for line in resp.iter_lines() if line.startswith("data: {"))
 
 
 @contextmanager
