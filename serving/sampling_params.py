@@ -67,9 +67,6 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             raise SamplingParamsError(f"n must be at least 1, got {self.n}.")
         if sum(x is not None for x in (self.json_schema, self.regex, self.ebnf)) > 1:
             raise SamplingParamsError("Only one of regex, json_schema, or ebnf can be set.")
-        for tid in self.stop_token_ids or []:
-            if not 0 <= tid < vocab_size:
-                raise SamplingParamsError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {tid}.")
         for key, bias in (self.logit_bias or {}).items():
             if not (key.isascii() and key.isdigit() and len(key) < 12) or not int(key) < vocab_size:
                 raise SamplingParamsError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}.")

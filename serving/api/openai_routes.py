@@ -11,18 +11,30 @@ from kiln.serving.api.pooled_serving import require_kind
 from kiln.serving.api.schemas import ChatCompletionRequest, CompletionRequest
 
 
+def _card(ctx: ServingContext) -> dict[str, Any]:
+    return {
+        "id": ctx.tm.served.name,
+        "object": "model",
+        "created": int(ctx.start_time),
+        "owned_by": "kiln",
+        "root": ctx.tm.served.path,
+        "max_model_len": ctx.tm.context_len,
+    }
+
+
 class OpenAIController(Controller):
     @get("/v1/models")
     async def models(self, ctx: ServingContext) -> Response:
-        card = {
-            "id": ctx.tm.served.name,
-            "object": "model",
-            "created": int(ctx.start_time),
-            "owned_by": "kiln",
-            "root": ctx.tm.served.path,
-            "max_model_len": ctx.tm.context_len,
-        }
-        return json_response({"object": "list", "data": [card]})
+        return json_response({"object": "list", "data": [_card(ctx)]})
+
+    @get("/v1/models/{model:path}")
+    async def model(self, model: str, ctx: ServingContext) -> Response:
+        """`client.models.retrieve(name)`; names may hold slashes (hub ids, paths: the SDK drops a leading one)."""
+        name = model.lstrip("/")
+        if name != ctx.tm.served.name.lstrip("/"):
+            error = {"message": f"The model '{name}' does not exist", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+            return json_response({"error": error}, 404)
+        return json_response(_card(ctx))
 
     @post("/v1/completions", status_code=200, opt={"body": CompletionRequest})
     async def completions(self, request: Request, ctx: ServingContext) -> Any:
@@ -30,7 +42,7 @@ class OpenAIController(Controller):
         require_kind(request.url.path, ctx.kind, ("generation",))
         reqs = await ctx.oai.completion_requests(obj)
         if obj.stream:
-            return await sse(request, ctx.oai.stream(reqs, chat=False))
+            return await sse(request, ctx.oai.stream(obj, reqs, chat=False))
         return await answer(request, ctx.oai.completion(obj, reqs))
 
     @post("/v1/chat/completions", status_code=200, opt={"body": ChatCompletionRequest})
@@ -39,5 +51,5 @@ class OpenAIController(Controller):
         require_kind(request.url.path, ctx.kind, ("generation",))
         reqs = await ctx.oai.chat_requests(obj)
         if obj.stream:
-            return await sse(request, ctx.oai.stream(reqs, chat=True))
+            return await sse(request, ctx.oai.stream(obj, reqs, chat=True))
         return await answer(request, ctx.oai.chat(obj, reqs))

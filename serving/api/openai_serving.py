@@ -30,6 +30,22 @@ def _logprob_request(req: CompletionRequest | ChatCompletionRequest) -> LogprobR
     return LogprobRequest(top_n=top or 0)
 
 
+def _json_schema(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """response_format as SGLang maps it: json_object is any JSON object, json_schema its schema."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return req.json_schema
+    if req.json_schema is not None:
+        raise InvalidRequest("Only one of response_format and json_schema can be set.")
+    if rf.type == "json_object":
+        return '{"type": "object"}'
+    if rf.type == "json_schema":
+        if rf.json_schema is None or not rf.json_schema.schema:
+            raise InvalidRequest("response_format of type json_schema needs json_schema.schema.")
+        return bytes(rf.json_schema.schema).decode()
+    raise InvalidRequest(f"response_format type must be text, json_object or json_schema, got {rf.type!r}.")
+
+
 def _params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
     return {
         "max_new_tokens": max_tokens,
@@ -44,6 +60,14 @@ def _params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> 
         "repetition_penalty": req.repetition_penalty,
         "ignore_eos": req.ignore_eos,
         "sampling_seed": req.seed,
+        "logit_bias": req.logit_bias,
+        "regex": req.regex,
+        "ebnf": req.ebnf,
+        "json_schema": _json_schema(req),
+        "stop_token_ids": req.stop_token_ids,
+        "skip_special_tokens": req.skip_special_tokens,
+        "spaces_between_special_tokens": req.spaces_between_special_tokens,
+        "no_stop_trim": req.no_stop_trim,
     }
 
 
@@ -89,11 +113,16 @@ class OpenAIServing:
         for m in req.messages:
             self.tm.validator.texts(m.content if isinstance(m.content, str) else [p.text or "" for p in m.content or []] or "", "content")
         try:
-            text = self.tm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            cont = req.continue_final_message
+            text = self.tm.tokenizer.apply_chat_template(messages, add_generation_prompt=not cont, continue_final_message=cont, tokenize=False)
         except Exception as exc:
             raise InvalidRequest(f"could not apply the chat template: {exc}") from exc
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is not None and max_tokens > self.tm.context_len:
+            # SGLang's text, missing space included.
+            raise InvalidRequest(f"max_completion_tokens is too large: {max_tokens}.This model supports at most {self.tm.context_len} completion tokens.")
         ids = (await self.tm.encode([text], add_special_tokens=False))[0]
-        return self._requests([ids], _params(req, req.max_completion_tokens or req.max_tokens), req.n, _logprob_request(req))
+        return self._requests([ids], _params(req, max_tokens), req.n, _logprob_request(req))
 
     def _usage(self, results: list[dict[str, Any]], n: int) -> dict[str, int]:
         prompt = sum(r["meta_info"]["prompt_tokens"] for r in results[::n])
@@ -129,10 +158,17 @@ class OpenAIServing:
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason, "matched_stop": matched})
         return self._envelope("chatcmpl", "chat.completion", choices, self._usage(results, req.n))
 
-    async def stream(self, reqs: list[SingleRequest], chat: bool) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI chunks with text deltas; a chat stream opens each choice with the assistant role."""
+    async def stream(self, obj: CompletionRequest | ChatCompletionRequest, reqs: list[SingleRequest], chat: bool) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI chunks with text deltas; a chat stream opens each choice with the assistant role. With
+        stream_options, each chunk (continuous_usage_stats) or a last one without choices (include_usage) has the usage."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion.chunk" if chat else "text_completion"
+        opts = obj.stream_options
+        prompt_tokens = sum(len(r.input_ids) for r in reqs[:: obj.n])
+        completion = [0] * len(reqs)
+        usage = lambda: {"prompt_tokens": prompt_tokens, "completion_tokens": sum(completion), "total_tokens": prompt_tokens + sum(completion)}  # noqa: E731
+        # A completion with echo starts each choice's text with its prompt.
+        echo = [self.tm.tokenizer.decode(r.input_ids) if not chat and obj.echo else "" for r in reqs]
         sent = [0] * len(reqs)
         scored = [0] * len(reqs)  # output tokens whose logprobs went out
         offset = [0] * len(reqs)  # text_offset of the next token
@@ -141,7 +177,9 @@ class OpenAIServing:
                 yield self._chunk(rid, kind, {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         async for out in self.tm.stream_all(reqs, is_batch=True):
             i = out["index"]
-            delta, sent[i] = out["text"][sent[i] :], len(out["text"])
+            delta, sent[i] = echo[i] + out["text"][sent[i] :], len(out["text"])
+            echo[i] = ""
+            completion[i] = out["meta_info"]["completion_tokens"]
             reason, matched = _finish(out["meta_info"])
             if not delta and reason is None:
                 continue
@@ -153,7 +191,12 @@ class OpenAIServing:
                 logprobs = chat_logprobs(tokens, tops) if chat else completion_logprobs(tokens, tops, offset[i])
                 offset[i] += sum(len(t[2]) for t in tokens)
             body = {"delta": {"content": delta}, "logprobs": logprobs} if chat else {"text": delta, "logprobs": logprobs}
-            yield self._chunk(rid, kind, {"index": i, **body, "finish_reason": reason, "matched_stop": matched})
+            chunk = self._chunk(rid, kind, {"index": i, **body, "finish_reason": reason, "matched_stop": matched})
+            if opts and opts.continuous_usage_stats:
+                chunk["usage"] = usage()
+            yield chunk
+        if opts and opts.include_usage:
+            yield {**self._chunk(rid, kind, {}), "choices": [], "usage": usage()}
 
     def _envelope(self, prefix: str, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
         return {

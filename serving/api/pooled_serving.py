@@ -72,8 +72,8 @@ class EmbeddingServing:
         if obj.dimensions is not None:
             raise InvalidRequest("dimensions is not supported: this server returns the model's full embedding.")
         inp = obj.input
-        if not inp and not isinstance(inp, str):
-            raise InvalidRequest("input must not be empty.")
+        if not inp:
+            raise InvalidRequest("Input cannot be empty.")
         if isinstance(inp, str) or (inp and all(isinstance(x, str) for x in inp)):
             prompts = await self.tm.encode(self.tm.validator.texts(inp, "input")[1])
         elif inp and (all(isinstance(x, int) for x in inp) or all(isinstance(x, list) for x in inp)):

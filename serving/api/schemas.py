@@ -72,6 +72,24 @@ class DetokenizeReqInput(msgspec.Struct, forbid_unknown_fields=True):
     model: str | None = None
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: str | None = None
+    # Kept as the raw JSON text (never decoded here): xgrammar compiles it in the engine.
+    schema: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    strict: bool = False
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
 class OpenAISampling(msgspec.Struct, kw_only=True):
     """The sampling fields /v1/completions and /v1/chat/completions share (with SGLang's extras)."""
 
@@ -90,6 +108,17 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     min_tokens: Int64 = 0
     user: str | None = None
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    # SGLang's extras (sent through the SDK's extra_body).
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | None = None
+    stop_token_ids: list[Int64] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
 
 
 class CompletionRequest(OpenAISampling, kw_only=True):
@@ -126,6 +155,7 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
+    continue_final_message: bool = False  # the last (assistant) message is a prefix to continue, not a finished turn
 
 
 class EncodeReqInput(msgspec.Struct):

@@ -15,12 +15,12 @@ from kiln.serving.sampling_params import InvalidRequest, SamplingParams
 
 
 async def _sequences(tm: TokenizerManager, obj: ScoreRequest) -> list[list[int]]:
-    """Joins the query to each item: as text when both are text, as ids when both are ids."""
+    """Joins the query to each item: as text when both are text, as ids when both are ids (no items: none)."""
     if obj.query is None or obj.items is None:
         raise InvalidRequest("query and items are both required.")
     items = obj.items if isinstance(obj.items, list) else [obj.items]
     if not items:
-        raise InvalidRequest("items must not be empty.")
+        return []
     if isinstance(obj.query, str):
         if not all(isinstance(i, str) for i in items):
             raise InvalidRequest("With a text query, items must be text too.")
@@ -34,8 +34,11 @@ async def _sequences(tm: TokenizerManager, obj: ScoreRequest) -> list[list[int]]
 
 async def score(tm: TokenizerManager, obj: ScoreRequest) -> dict[str, Any]:
     labels = obj.label_token_ids
-    if not labels or not all(0 <= t < tm.vocab_size for t in labels):
-        raise InvalidRequest(f"label_token_ids must be a non-empty list of token ids in [0, {tm.vocab_size}).")
+    if not labels:
+        raise InvalidRequest("label_token_ids must be a non-empty list of token ids.")
+    for t in labels:
+        if not 0 <= t < tm.vocab_size:
+            raise InvalidRequest(f"Token ID {t} is out of vocabulary (vocab size: {tm.vocab_size})")
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     reqs = [tm.single(uuid.uuid4().hex, ids, params, LogprobRequest(token_ids=labels)) for ids in await _sequences(tm, obj)]
     results = await tm.run_all(reqs)

@@ -12,7 +12,8 @@ def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
     for i, req in enumerate(reqs):
         p = req.params
         if len(req.output_ids) < p.min_new_tokens:
-            banned = list(req.stop_ids | (set() if p.ignore_eos else eos_ids))
+            # Stop ids outside the vocabulary are accepted (as SGLang) and can never be sampled anyway.
+            banned = [t for t in req.stop_ids | (set() if p.ignore_eos else eos_ids) if 0 <= t < vocab]
             logits[i, banned] = float("-inf")
         if not p.has_penalties:
             continue

@@ -49,7 +49,6 @@ GENERATE_CASES = [
     P(sp(presence_penalty=-3), ["presence_penalty", "-3"], id="presence-penalty-minus-3"),
     P(sp(n=0), ["n", "0"], id="n-zero"),
     P(sp(regex="a+", json_schema="{}"), ["regex", "json_schema"], id="two-constraints"),
-    P(sp(stop_token_ids=[49152]), ["stop_token_ids", "49152"], id="stop-token-id-outside-vocab"),
     P(sp(logit_bias={"999999": 1.0}), ["logit_bias", "999999"], id="logit-bias-outside-vocab"),
     # token ids and lengths
     P({"input_ids": [1, 49152]}, ["49152"], id="token-id-at-vocab-size"),

@@ -147,3 +147,9 @@ def test_bad_embeddings_input_is_an_openai_400(emb):
     assert r.json() == {"object": "error", "message": "input must not be empty.", "type": "BadRequestError", "param": None, "code": 400}
     r = emb.post("/v1/embeddings", json={"input": "a", "dimensions": 8})
     assert r.status_code == 400 and "dimensions" in r.json()["message"]
+
+
+def test_empty_embeddings_input_is_a_400(emb):
+    for inp in ("", []):
+        r = emb.post("/v1/embeddings", json={"input": inp})
+        assert r.status_code == 400 and r.json()["message"] == "Input cannot be empty.", r.text

@@ -53,8 +53,7 @@ def test_score_with_token_ids(client, tokenize, next_token_probs, labels):
     "body, needle",
     [
         ({"query": "q", "items": ["i"], "label_token_ids": []}, "label_token_ids must be a non-empty list"),
-        ({"query": "q", "items": ["i"], "label_token_ids": [10**9]}, "label_token_ids must be a non-empty list"),
-        ({"query": "q", "items": [], "label_token_ids": [1]}, "items must not be empty"),
+        ({"query": "q", "items": ["i"], "label_token_ids": [10**9]}, "Token ID 1000000000 is out of vocabulary (vocab size: 49152)"),
         ({"query": "q", "items": [[1, 2]], "label_token_ids": [1]}, "With a text query, items must be text too"),
         ({"items": ["i"], "label_token_ids": [1]}, "query and items are both required"),
     ],
@@ -71,3 +70,8 @@ def test_pooled_endpoints_on_a_generation_model_are_a_400(client, path):
     assert r.status_code == 400
     message = r.json()["message"] if path.startswith("/v1/") else r.json()["error"]["message"]
     assert message.startswith(path) and message.endswith("the loaded model is a generation model.")
+
+
+def test_no_items_score_nothing(client):
+    r = client.post("/v1/score", json={"query": "q", "items": [], "label_token_ids": [1]})
+    assert r.status_code == 200 and r.json()["scores"] == [] and r.json()["object"] == "scoring"

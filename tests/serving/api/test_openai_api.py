@@ -49,3 +49,28 @@ def test_openai_errors_use_the_openai_shape(client: httpx.Client):
     assert "top_p" in body["message"]
     r = client.post("/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400 and r.json()["message"] == "Messages cannot be empty."
+
+
+def test_models_retrieve_with_the_sdk(kiln_server: str, client: httpx.Client):
+    import openai
+
+    sdk = openai.OpenAI(base_url=kiln_server + "/v1", api_key="unused")
+    name = client.get("/v1/models").json()["data"][0]["id"]
+    card = sdk.models.retrieve(name)
+    assert (card.id, card.object) == (name, "model")
+    r = client.get("/v1/models/no-such-model")
+    assert r.status_code == 404
+    assert r.json() == {
+        "error": {"message": "The model 'no-such-model' does not exist", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    }
+    try:
+        sdk.models.retrieve("no-such-model")
+        raise AssertionError("expected a 404")
+    except openai.NotFoundError as exc:
+        assert exc.status_code == 404
+
+
+def test_chat_max_tokens_over_the_context_is_sglangs_400(client: httpx.Client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**6})
+    assert r.status_code == 400
+    assert r.json()["message"] == "max_completion_tokens is too large: 1000000.This model supports at most 8192 completion tokens."
