@@ -21,6 +21,7 @@ class RequestLimits(msgspec.Struct, frozen=True):
     context_length: int
     max_total_tokens: int  # KV pool slots
     max_pooled_tokens: int  # models without generation compute a prompt in one forward
+    has_tokenizer: bool = True  # False with --skip-tokenizer-init: nothing that needs text is accepted
 
 
 class FinishStop(msgspec.Struct, tag_field="type", tag="stop"):

@@ -49,6 +49,10 @@ def check_request(req: GenerateRequest, limits: RequestLimits) -> None:
     check_ids(req.input_ids, limits.vocab_size)
     params: SamplingParams = req.params
     params.validate(limits.vocab_size)
+    if not limits.has_tokenizer:
+        for name in ("stop", "stop_regex", "json_schema", "regex", "ebnf"):
+            if getattr(params, name) is not None:
+                raise InvalidRequest(f"{name} needs the tokenizer, which this server skips (--skip-tokenizer-init).")
     check_length(req.input_ids, params.max_new_tokens if limits.kind == "generation" else 0, limits)
     lp = req.logprob
     if lp is None:

@@ -1,6 +1,7 @@
 """Per-request sampling parameters, with SGLang's defaults and validation rules."""
 
 import math
+import re
 from typing import Annotated
 
 import msgspec
@@ -33,6 +34,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: str | list[str] | None = None
+    stop_regex: str | list[str] | None = None  # finish when the output's tail matches; `matched` is the matched text
     stop_token_ids: list[Int64] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -76,6 +78,12 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             raise SamplingParamsError(f"sampling_seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}), got {self.sampling_seed}.")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
             raise SamplingParamsError("stop strings must not be empty.")
+        for pattern in self.stop_regexes:
+            try:
+                if re.compile(pattern).match(""):
+                    raise SamplingParamsError(f"stop_regex must not match the empty string, got {pattern!r}.")
+            except re.error as exc:
+                raise SamplingParamsError(f"Invalid stop_regex {pattern!r}: {exc}.") from exc
 
     @property
     def greedy(self) -> bool:
@@ -86,6 +94,12 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def stop_regexes(self) -> list[str]:
+        if self.stop_regex is None:
+            return []
+        return [self.stop_regex] if isinstance(self.stop_regex, str) else list(self.stop_regex)
 
     @property
     def has_penalties(self) -> bool:

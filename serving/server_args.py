@@ -37,6 +37,8 @@ class ServerArgs:
     random_seed: int = _opt(0, "seed for requests without sampling_seed")
     cache_dir: str = _opt(str(Path.home() / ".cache" / "kiln"), "where converted GGUF checkpoints are kept")
     weight_version: str = _opt("default", "reported in meta_info.weight_version")
+    skip_tokenizer_init: bool = _opt(False, "no tokenizer: requests send input_ids, responses carry output_ids and no text (for frameworks that tokenize)")
+    incremental_streaming_output: bool = _opt(False, "each stream chunk's output_ids holds only the ids new since the last chunk")
     skip_server_warmup: bool = _opt(False, "do not send one request through the model before reporting ready")
     disable_compile: bool = _opt(False, "run the model eagerly instead of compiling one graph per shape bucket")
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")

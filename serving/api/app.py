@@ -61,7 +61,7 @@ async def openapi(request: Request) -> Response:
 
 def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
     info = engine.info
-    tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint)
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or info.checkpoint)
     validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
     model_path = args.model_path or info.checkpoint
     served = ServedModel(
@@ -69,7 +69,7 @@ def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
         fixed_name=args.served_model_name is not None,
     )  # fmt: skip
     metrics = ServingMetrics(served.name) if args.enable_metrics else None
-    tm = TokenizerManager(engine, tokenizer, validator, served, metrics)
+    tm = TokenizerManager(engine, tokenizer, validator, served, metrics, args.incremental_streaming_output)
     ctx = ServingContext(args, engine, tm, OpenAIServing(tm), EmbeddingServing(tm, info.model_kind), metrics)
 
     async def start_reader() -> None:

@@ -104,9 +104,11 @@ class OpenAIServing:
         return reqs
 
     async def completion_requests(self, req: CompletionRequest) -> list[SingleRequest]:
+        self.tm.require_tokenizer("/v1/completions")
         return self._requests(await self._prompts(req.prompt), _params(req, req.max_tokens), req.n, _logprob_request(req))
 
     async def chat_requests(self, req: ChatCompletionRequest) -> list[SingleRequest]:
+        self.tm.require_tokenizer("/v1/chat/completions")
         if not req.messages:
             raise InvalidRequest("Messages cannot be empty.")
         messages = msgspec.to_builtins(req.messages)

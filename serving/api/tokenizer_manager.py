@@ -61,9 +61,13 @@ def _raise_if_refused(out: TokenOutput) -> None:
 
 
 class TokenizerManager:
-    def __init__(self, engine: EngineClient, tokenizer: Any, validator: Validator, served: ServedModel, metrics: ServingMetrics | None, workers: int = 2):
+    def __init__(
+        self, engine: EngineClient, tokenizer: Any | None, validator: Validator, served: ServedModel, metrics: ServingMetrics | None,
+        incremental_ids: bool = False, workers: int = 2,
+    ):  # fmt: skip
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # None with --skip-tokenizer-init: ids in, ids out
+        self.incremental_ids = incremental_ids
         self.validator = validator
         self.served = served
         self.metrics = metrics
@@ -75,13 +79,21 @@ class TokenizerManager:
 
     # ---- off the event loop ----
 
+    def require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise InvalidRequest(f"{what} needs the tokenizer, which this server skips (--skip-tokenizer-init): send input_ids.")
+        return self.tokenizer
+
     async def encode(self, texts: list[str], **kwargs: Any) -> list[list[int]]:
+        self.require_tokenizer("Text input")
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: [self.tokenizer(t, **kwargs).input_ids for t in texts])
 
     async def encode_pairs(self, first: str, seconds: list[str]) -> list[list[int]]:
+        self.require_tokenizer("Text input")
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: [self.tokenizer(first, s).input_ids for s in seconds])
 
     async def decode(self, seqs: list[list[int]], **kwargs: Any) -> list[str]:
+        self.require_tokenizer("Text output")
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: [self.tokenizer.decode(s, **kwargs) for s in seqs])
 
     # ---- turning a request body into single requests ----
@@ -142,7 +154,7 @@ class TokenizerManager:
         The request's id must be open in the engine client (run_all and stream_all open it)."""
         start = time.monotonic()
         p = req.params
-        detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens) if self.tokenizer else None
         hold = max((len(s) for s in p.stop_strings), default=1) - 1
         output_ids: list[int] = []
         lp: dict[str, list[Any]] = {k: [] for k in LOGPROB_KEYS}
@@ -158,17 +170,17 @@ class TokenizerManager:
             new = out.new_ids
             if isinstance(finish, FinishStop) and isinstance(finish.matched, int) and not p.no_stop_trim and new:
                 new = new[:-1]  # the matched stop token is not part of the text
-            detok.add(new, final=finish is not None)
-            text = detok.text if finish is not None else detok.text[: len(detok.text) - hold]
+            if detok is not None:
+                detok.add(new, final=finish is not None)
             if finish is None and not partial:
                 continue
-            if finish is not None:
-                text = trim_stop(text, finish, p.no_stop_trim)
+            body: dict[str, Any] = {} if out.embedding is None else {"embedding": out.embedding}
+            if detok is not None:
+                text = detok.text if finish is not None else detok.text[: len(detok.text) - hold]
+                body["text"] = trim_stop(text, finish, p.no_stop_trim) if finish is not None else text
             meta = self._logprob_meta(req, lp) if req.logprob else {}
-            pooled = {} if out.embedding is None else {"embedding": out.embedding}
-            yield pooled | {
-                "text": text,
-                "output_ids": list(output_ids),
+            yield body | {
+                "output_ids": list(out.new_ids) if partial and self.incremental_ids else list(output_ids),
                 "meta_info": meta | {
                     "id": req.rid,
                     "finish_reason": None if finish is None else msgspec.to_builtins(finish),
@@ -184,7 +196,7 @@ class TokenizerManager:
             }
 
     def _add_logprobs(self, lp: dict[str, list[Any]], out: TokenOutput, req: SingleRequest) -> None:
-        text = (lambda t: self.tokenizer.decode([t])) if req.logprob_text else (lambda t: None)
+        text = (lambda t: self.tokenizer.decode([t])) if req.logprob_text and self.tokenizer else (lambda t: None)
         triples = lambda pairs: [[v, t, text(t)] for v, t in pairs]  # noqa: E731
         lp["output_token_logprobs"] += triples(zip(out.token_logprobs, out.new_ids))
         lp["output_top_logprobs"] += [triples(top) for top in out.top_logprobs]

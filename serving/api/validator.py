@@ -50,10 +50,10 @@ class Validator:
         self.max_text_chars = max_text_chars
 
     @classmethod
-    def for_tokenizer(cls, limits: RequestLimits, max_n: int, tokenizer: Any) -> "Validator":
+    def for_tokenizer(cls, limits: RequestLimits, max_n: int, tokenizer: Any | None) -> "Validator":
         """Text sizes bounded by the tokenizer: a token covers at most its longest vocabulary entry
-        (counted twice, for normalizers that shrink text)."""
-        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        (counted twice, for normalizers that shrink text). Without a tokenizer no text is tokenized."""
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
         return cls(limits, max_n, 2 * limits.context_length * max(longest, MIN_CHARS_PER_TOKEN_BOUND))
 
     def texts(self, value: str | list[str], name: str = "text", factor: int = 1) -> tuple[bool, list[str]]:

@@ -80,9 +80,9 @@ class EngineCore:
         t0 = time.monotonic()
         self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
         self.cfg = read_config(self.checkpoint)
-        self.tokenizer = load_tokenizer(args.tokenizer_path or str(self.checkpoint))
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or str(self.checkpoint))
         self.kind = model_kind(self.cfg, args.is_embedding)
-        if self.kind != GENERATION:
+        if self.kind != GENERATION and self.tokenizer is not None:
             # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
             self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
@@ -114,7 +114,7 @@ class EngineCore:
         )  # fmt: skip
         log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
         self.eos_ids = set(self.cfg.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         chunk = args.chunked_prefill_size or profile.chunked_prefill_size
         self.scheduler = Scheduler(
@@ -124,15 +124,16 @@ class EngineCore:
             lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), split_prompts=self.kind == GENERATION,
         )  # fmt: skip
         self.limits = RequestLimits(
-            self.kind, self.cfg.vocab_size, self.context_len, self.pool.size, min(self.context_len, self.scheduler.chunk_size)
-        )
+            self.kind, self.cfg.vocab_size, self.context_len, self.pool.size, min(self.context_len, self.scheduler.chunk_size),
+            has_tokenizer=self.tokenizer is not None,
+        )  # fmt: skip
         self.compiled = None if args.disable_compile else self._compile(profile)
         self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
         # Only generation has grammars (and a stop token for xgrammar to end on).
         self.grammars = (
             GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids, not args.constrained_json_disable_any_whitespace)
-            if self.kind == GENERATION
+            if self.kind == GENERATION and self.tokenizer is not None
             else None
         )
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)

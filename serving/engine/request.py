@@ -1,5 +1,6 @@
 """One request's state inside the engine, and the rules that finish it."""
 
+import re
 import time
 from collections.abc import Callable
 
@@ -8,6 +9,10 @@ import xgrammar as xgr
 
 from kiln.serving.messages import FinishAbort, FinishLength, FinishReason, FinishStop, LogprobRequest
 from kiln.serving.sampling_params import SamplingParams
+
+
+# A stop_regex is searched in the text of this many newest output tokens, so each step costs the same.
+STOP_REGEX_TAIL_TOKENS = 32
 
 
 class Req:
@@ -42,6 +47,7 @@ class Req:
         self.stop_ids = set(params.stop_token_ids or [])
         self.stop_strs = params.stop_strings
         self.max_stop_len = max((len(s) for s in self.stop_strs), default=0)
+        self.stop_regexes = [re.compile(p) for p in params.stop_regexes]
         self.grammar: xgr.GrammarMatcher | None = None  # set by the engine for json_schema, regex, ebnf
 
     @property
@@ -109,4 +115,11 @@ class Req:
             for s in self.stop_strs:
                 if s in tail:
                     self.finish_reason = FinishStop(s)
+                    return
+        if self.stop_regexes:
+            tail = decode(self.output_ids[-STOP_REGEX_TAIL_TOKENS:])
+            for pattern in self.stop_regexes:
+                m = pattern.search(tail)
+                if m:
+                    self.finish_reason = FinishStop(m.group(0))
                     return

@@ -105,3 +105,20 @@ def test_parallel_sampling_shares_the_prefill_and_is_reproducible(generate):
     prompt = first[0]["meta_info"]["prompt_tokens"]
     # Copies after the first reuse its prompt's KV from the radix cache instead of computing it again.
     assert all(r["meta_info"]["cached_tokens"] >= prompt - 1 for r in first[1:])
+
+
+def test_stop_regex_finishes_on_the_matched_text(generate, solo_greedy):
+    free = solo_greedy("The capital of France is", 8)
+    assert free["text"].startswith(" Paris.")
+    body = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 8, "stop_regex": [r"\d+", r"P\w+"]}}
+    out = generate(body)
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": "Paris"}
+    assert out["text"] == " " and out["output_ids"] == free["output_ids"][: len(out["output_ids"])]
+    kept = generate({**body, "sampling_params": {**body["sampling_params"], "no_stop_trim": True}})
+    assert kept["text"] == " Paris"
+
+
+@pytest.mark.parametrize("pattern, needle", [("(", "Invalid stop_regex"), ("a*", "must not match the empty string")])
+def test_a_broken_stop_regex_is_a_400(client, pattern, needle):
+    r = client.post("/generate", json={"text": "hi", "sampling_params": {"stop_regex": pattern}})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
