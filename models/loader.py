@@ -63,10 +63,17 @@ def download_from_hub(repo_id: str) -> Path:
         raise ModelNotFoundError(f"{repo_id} (repository not found)") from exc
 
 
+# What a GGUF may lack for chat, per model_type: Kiln's own chat template, and the end-of-turn token that
+# ends a reply (the GGUF's generation config stops only at <eos>).
+CHAT_DEFAULTS = {"gemma3_text": ("gemma3.jinja", "<end_of_turn>"), "gemma3": ("gemma3.jinja", "<end_of_turn>")}
+TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Dequantizes a GGUF once (through transformers) into a cached safetensors folder."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    templates = "".join(sorted(p.read_text() for p in TEMPLATES.glob("*.jinja")))
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{templates}".encode()).hexdigest()[:16]
     out = cache_dir / "gguf" / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").exists():
         return out
@@ -85,6 +92,12 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     config.pop("quantization_config", None)
     config["architectures"] = [type(hf).__name__]
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    chat = CHAT_DEFAULTS.get(hf.config.model_type)
+    if chat is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = (TEMPLATES / chat[0]).read_text()
+        eos = hf.generation_config.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        hf.generation_config.eos_token_id = ids + [tokenizer.convert_tokens_to_ids(chat[1])]
     hf.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)

@@ -4,6 +4,7 @@ from torch import nn
 
 from kiln.models.bert import BertForSequenceClassification, BertModel, XLMRobertaForSequenceClassification
 from kiln.models.config import ModelConfig
+from kiln.models.gemma3 import Gemma3ForCausalLM
 from kiln.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from kiln.models.llama_classifier import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 from kiln.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
@@ -11,6 +12,7 @@ from kiln.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "BertModel": BertModel,
     "XLMRobertaModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,

