@@ -3,11 +3,12 @@
 
     .venv/bin/python -m kiln.bench.production [--dtype float32] [--disable-compile] [--requests 16] [--new-tokens 64]
 
-Two `kiln serve` processes run one after the other (metrics on, then off), each serving the same
-greedy workload (--requests concurrent /generate calls, EOS ignored) --rounds times; the median
-round's output tokens per second are compared. On the first server the weights are then updated
-from the served checkpoint --updates times (each timed over HTTP), and the compile counters are
-read before and after to show that nothing was recompiled.
+Two `kiln serve` processes run side by side (metrics on and off) and take turns serving the same
+greedy workload (--requests concurrent /generate calls, EOS ignored): one unmeasured round each,
+then --rounds alternating rounds; the median rounds' output tokens per second are compared. The
+cost of counting one output is also timed in-process. On the metrics server the weights are then
+updated from the served checkpoint --updates times (each timed over HTTP), and the compile
+counters are read before and after to show that nothing was recompiled.
 """
 
 import argparse
@@ -25,6 +26,8 @@ import httpx
 
 from kiln.bench.common import RESULTS, free_port, machine, source_version
 from kiln.models.loader import resolve_checkpoint
+from kiln.serving.api.metrics import ServingMetrics
+from kiln.serving.messages import TokenOutput
 
 
 def start(args: argparse.Namespace, metrics: bool) -> tuple[subprocess.Popen, str]:
@@ -57,6 +60,18 @@ def decode_round(url: str, requests: int, new_tokens: int) -> float:
     return tokens / (time.monotonic() - t0)
 
 
+def count_cost(n: int = 100_000) -> float:
+    """Microseconds the HTTP process spends counting one decode output (one token) with metrics on."""
+    metrics = ServingMetrics("bench")
+    timer = metrics.timer(streaming=True)
+    out = TokenOutput("r", [42], 10, 0)
+    timer.output(out)  # the first output is the time to first token
+    t0 = time.perf_counter()
+    for _ in range(n):
+        timer.output(out)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def updates(url: str, checkpoint: Path, count: int) -> dict[str, Any]:
     compile_before = httpx.get(url + "/get_server_info", timeout=30).json()["compile"]
     seconds = []
@@ -77,22 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disable-compile", action="store_true")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--updates", type=int, default=5)
     args = p.parse_args(argv)
     checkpoint = resolve_checkpoint(None, Path.home() / ".cache" / "kiln")
     result: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args), "machine": machine(), "source": source_version()}
-    rates: dict[str, list[float]] = {}
-    for metrics in (True, False):
-        proc, url = start(args, metrics)
-        try:
-            decode_round(url, 2, 4)  # first-request costs out of the way
-            rates["on" if metrics else "off"] = [decode_round(url, args.requests, args.new_tokens) for _ in range(args.rounds)]
-            if metrics:
-                result["weight_update"] = updates(url, checkpoint, args.updates)
-        finally:
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    servers = {"on": start(args, True), "off": start(args, False)}
+    try:
+        for _, url in servers.values():
+            decode_round(url, args.requests, args.new_tokens)  # first-use costs out of the way
+        for _ in range(args.rounds):
+            for key, (_, url) in servers.items():
+                rates[key].append(decode_round(url, args.requests, args.new_tokens))
+        result["weight_update"] = updates(servers["on"][1], checkpoint, args.updates)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(60)
+    result["count_one_output_us"] = count_cost()
     on, off = (statistics.median(rates[k]) for k in ("on", "off"))
     result["decode_tok_s"] = {"metrics_on": rates["on"], "metrics_off": rates["off"], "median_on": on, "median_off": off, "on_over_off": on / off}
     RESULTS.mkdir(exist_ok=True)
@@ -101,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     wu = result["weight_update"]
     print(f"weight update (SmolLM2, {args.dtype}): median {wu['median_update_seconds']:.2f}s over {args.updates}; compile counters changed: {wu['compile_counters_changed'] or 'none'}")
     print(f"decode tok/s, {args.requests} requests x {args.new_tokens} tokens: metrics on {on:.1f}, off {off:.1f}, on/off {on / off:.3f}")
+    print(f"counting one output token: {result['count_one_output_us']:.1f} us in the HTTP process")
     print(f"written to {out}")
     return 0
 

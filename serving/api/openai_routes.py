@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses."""
 
 from typing import Any
 
@@ -8,7 +8,8 @@ from kiln.serving.api.context import ServingContext
 from kiln.serving.api.errors import json_response
 from kiln.serving.api.http_io import answer, read_body, sse
 from kiln.serving.api.pooled_serving import require_kind
-from kiln.serving.api.schemas import ChatCompletionRequest, CompletionRequest
+from kiln.serving.api.responses import ResponsesServing
+from kiln.serving.api.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 
 
 def _card(ctx: ServingContext) -> dict[str, Any]:
@@ -44,6 +45,16 @@ class OpenAIController(Controller):
         if obj.stream:
             return await sse(request, ctx.oai.stream(obj, reqs, chat=False))
         return await answer(request, ctx.oai.completion(obj, reqs))
+
+    @post("/v1/responses", status_code=200, opt={"body": ResponsesRequest})
+    async def responses(self, request: Request, ctx: ServingContext) -> Any:
+        obj: ResponsesRequest = await read_body(request)
+        require_kind(request.url.path, ctx.kind, ("generation",))
+        api = ResponsesServing(ctx.oai)
+        reqs = await api.requests(obj)
+        if obj.stream:
+            return await sse(request, api.stream(obj, reqs))
+        return await answer(request, api.create(obj, reqs))
 
     @post("/v1/chat/completions", status_code=200, opt={"body": ChatCompletionRequest})
     async def chat_completions(self, request: Request, ctx: ServingContext) -> Any:

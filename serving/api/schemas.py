@@ -158,6 +158,46 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
     continue_final_message: bool = False  # the last (assistant) message is a prefix to continue, not a finished turn
 
 
+class ResponseInputContent(msgspec.Struct):
+    type: str  # input_text, output_text
+    text: str | None = None
+
+
+class ResponseInputItem(msgspec.Struct):
+    role: str
+    content: str | list[ResponseInputContent]
+    type: str = "message"
+
+
+class ResponseTextFormat(msgspec.Struct):
+    type: str = "text"  # text, json_object, json_schema
+    name: str | None = None
+    schema: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    strict: bool = False
+    description: str | None = None
+
+
+class ResponseTextConfig(msgspec.Struct):
+    format: ResponseTextFormat | None = None
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """OpenAI's /v1/responses, for text in and text out."""
+
+    input: str | list[ResponseInputItem]
+    model: str | None = None
+    instructions: str | None = None
+    max_output_tokens: Int64 | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    text: ResponseTextConfig | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+
+
 class EncodeReqInput(msgspec.Struct):
     """/encode and /classify: like /generate's input, without sampling."""
 

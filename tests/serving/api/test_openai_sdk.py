@@ -82,3 +82,35 @@ def test_continue_final_message_continues_the_assistant_turn(sdk, client):
     prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\nA fruit I like is the"
     native = client.post("/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
     assert out.choices[0].message.content == native["text"]
+
+
+def test_responses_answer_as_the_same_chat_does(sdk, client):
+    r = sdk.responses.create(model="m", input="Name a colour.", instructions="Be brief.", max_output_tokens=8, temperature=0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0}).json()
+    assert r.output_text == chat["choices"][0]["message"]["content"]
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat["usage"]["prompt_tokens"], chat["usage"]["completion_tokens"])
+    assert r.object == "response" and r.output[0].role == "assistant"
+    assert r.status == ("completed" if chat["choices"][0]["finish_reason"] == "stop" else "incomplete")
+
+
+def test_responses_stream_the_documented_events(sdk):
+    events = list(sdk.responses.create(model="m", input=[{"role": "user", "content": "Count to three."}], max_output_tokens=6, temperature=0, stream=True))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert types[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert types[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text and deltas
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_json_schema_and_what_is_refused(sdk, client):
+    fmt = {"format": {"type": "json_schema", "name": "capital", "schema": SCHEMA, "strict": True}}
+    r = sdk.responses.create(model="m", input=USER[0]["content"], text=fmt, max_output_tokens=60, temperature=0)
+    if r.status == "completed":
+        jsonschema.validate(json.loads(r.output_text), SCHEMA)
+    else:
+        assert r.output_text.startswith("{")
+    bad = client.post("/v1/responses", json={"input": "hi", "previous_response_id": "resp_1"})
+    assert bad.status_code == 400 and "previous_response_id" in bad.json()["message"]
