@@ -69,22 +69,25 @@ class CompiledModel:
         )
 
     def warm_up(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor, show_progress: bool = True) -> None:
-        """Traces once, compiles every bucket (from the persistent cache when it has them), then freezes."""
+        """Traces once (one forward of the smallest bucket), then compiles every other bucket's distinct pieces
+        (loads them, when the persistent cache has them) without running the model, then freezes."""
         t0 = time.monotonic()
         device = kv[0].device
-        for size in tqdm(self.buckets, desc="compiling buckets", unit="bucket", disable=not show_progress):
-            # Inference-mode tensors like the runner's (Dynamo guards on dispatch keys),
-            # and distinct ones (it guards on aliasing between inputs too).
-            with torch.inference_mode():
-                ids, pos = (torch.zeros(size, dtype=torch.int64, device=device) for _ in range(2))
-                meta = AttentionMetadata.padding(size, req_to_token)
-                if self.stats.traces == 0:
-                    per_row = (meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
-                    # Unbacked, not just dynamic: Dynamo specialises a backed size of 1,
-                    # so a bucket of 1 would need a second trace.
-                    for t in (ids, pos, *per_row):
-                        torch._dynamo.decorators.mark_unbacked(t, 0)
-                self._compiled(ids, pos, kv, meta)
+        first, *rest = self.buckets
+        # Inference-mode tensors like the runner's (Dynamo guards on dispatch keys),
+        # and distinct ones (it guards on aliasing between inputs too).
+        with torch.inference_mode():
+            ids, pos = (torch.zeros(first, dtype=torch.int64, device=device) for _ in range(2))
+            meta = AttentionMetadata.padding(first, req_to_token)
+            per_row = (meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
+            # Unbacked, not just dynamic: Dynamo specialises a backed size of 1,
+            # so a bucket of 1 would need a second trace.
+            for t in (ids, pos, *per_row):
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+            self._compiled(ids, pos, kv, meta)
+            for size in tqdm(rest, desc="compiling buckets", unit="bucket", disable=not show_progress):
+                for piece in self.stats.distinct:
+                    piece.precompile(size)
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self._run, kv, req_to_token)

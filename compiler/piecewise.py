@@ -51,6 +51,23 @@ class CompileStats:
     static_ptrs: set[int] = field(default_factory=set, repr=False)
     piece_graphs: int = 0
     artifacts: dict[tuple[str, tuple[int, ...]], Callable[..., Any]] = field(default_factory=dict, repr=False)
+    distinct: list["Piece"] = field(default_factory=list, repr=False)  # one piece per distinct code
+
+
+def _concrete(value: Any, size: int) -> int:
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        return int(expr.xreplace({s: size for s in expr.free_symbols}))
+    return int(value)
+
+
+def _example(value: Any, size: int) -> Any:
+    """A zero input like the traced (fake) one, its symbolic sizes and strides evaluated at `size`."""
+    if not isinstance(value, torch.Tensor):
+        return _concrete(value, size)
+    shape = [_concrete(s, size) for s in value.shape]
+    stride = [_concrete(s, size) for s in value.stride()]
+    return torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device).zero_()
 
 
 def _canonical(gm: fx.GraphModule) -> str:
@@ -88,7 +105,8 @@ class Piece(torch.nn.Module):
         self.options = inductor_options
         self.graphs: dict[tuple[int, ...], PieceGraph] = {}
 
-    def forward(self, *args: Any) -> Any:
+    def _compiled(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        """The artifact for these inputs' sizes, compiled (or loaded from the persistent cache) on first use."""
         sizes = tuple(a for a in args if isinstance(a, int))
         fn = self.stats.artifacts.get((self.key, sizes))
         if fn is None:
@@ -104,6 +122,16 @@ class Piece(torch.nn.Module):
             self.stats.compile_seconds += time.monotonic() - t0
             self.stats.piece_compiles += 1
             self.stats.artifacts[(self.key, sizes)] = fn
+        return fn
+
+    def precompile(self, size: int) -> None:
+        """Compiles this piece for a bucket without running the model: the inputs are zeros shaped as the trace
+        recorded them, with every symbolic size set to `size` (padding makes every per-row input bucket-long)."""
+        self._compiled(tuple(_example(n.meta["example_value"], size) for n in self.gm.graph.nodes if n.op == "placeholder"))
+
+    def forward(self, *args: Any) -> Any:
+        sizes = tuple(a for a in args if isinstance(a, int))
+        fn = self._compiled(args)
         if sizes and max(sizes) in self.stats.graph_sizes:
             graph = self.graphs.get(sizes)
             if graph is None and self.stats.capture_pool is not None:
@@ -134,6 +162,8 @@ def piecewise_backend(stats: CompileStats, inductor_options: dict[str, Any]) -> 
             if any(n.target is ATTENTION for n in sub.graph.nodes):
                 continue
             piece = Piece(sub, stats, inductor_options)
+            if piece.key not in keys:
+                stats.distinct.append(piece)
             keys.add(piece.key)
             setattr(split, name, piece)
             stats.pieces += 1

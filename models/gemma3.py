@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kiln.models import llama
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.rope import RotaryEmbedding
@@ -48,14 +49,11 @@ def rope_settings(cfg: ModelConfig, kind: str) -> tuple[float, dict | None]:
     return float(cfg.raw.get("rope_theta", 1_000_000.0)), cfg.raw.get("rope_scaling")
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
+    """Llama's projections, with q/k norms, Gemma's scale, and a sliding window on local layers."""
+
     def __init__(self, cfg: ModelConfig, layer: int, sliding: bool):
-        super().__init__()
-        self.layer = layer
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        super().__init__(cfg, layer)
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.scale = cfg.raw.get("query_pre_attn_scalar", self.head_dim) ** -0.5
@@ -71,15 +69,8 @@ class Attention(nn.Module):
         return self.o_proj(o.view(-1, self.q_size))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class DecoderLayer(nn.Module):
@@ -90,7 +81,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer, sliding)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = llama.MLP(cfg, gelu_tanh)
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, positions: Tensor, rope: RotaryEmbedding, kv: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:

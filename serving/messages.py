@@ -136,6 +136,7 @@ class EngineInfo(msgspec.Struct, tag=True):
     chunked_prefill_size: int
     dtype_resolved: str
     device_resolved: str
+    startup_seconds: dict[str, float]  # convert, load, pool_sizing, compile, warm_up, total
 
 
 class EngineStats(msgspec.Struct, tag=True):

@@ -69,8 +69,8 @@ class ServerArgs:
     )
 
     @classmethod
-    def parser(cls, prog: str = "kiln serve") -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def parser(cls, prog: str = "kiln serve", description: str | None = None) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             meta = dict(f.metadata)
@@ -86,8 +86,8 @@ class ServerArgs:
         return p
 
     @classmethod
-    def from_cli(cls, argv: list[str] | None = None, prog: str = "kiln serve") -> "ServerArgs":
-        ns = cls.parser(prog).parse_args(argv)
+    def from_cli(cls, argv: list[str] | None = None, prog: str = "kiln serve", description: str | None = None) -> "ServerArgs":
+        ns = cls.parser(prog, description).parse_args(argv)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
 
     def public_dict(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class EngineCore:
         self.dtype = resolve_dtype(args.dtype, self.device)
         t0 = time.monotonic()
         self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
+        t_convert = time.monotonic()
         self.cfg = read_config(self.checkpoint)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or str(self.checkpoint))
         self.kind = model_kind(self.cfg, args.is_embedding)
@@ -88,7 +89,8 @@ class EngineCore:
         free_before = available_memory(self.device)
         self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, time.monotonic() - t0)
+        t_load = time.monotonic()
+        log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, t_load - t_convert)
 
         self.pooling = self._pooling_config() if self.kind == EMBEDDING else None
         self.context_len = args.context_length or getattr(self.model, "max_tokens", self.cfg.max_position_embeddings)
@@ -127,7 +129,19 @@ class EngineCore:
             self.kind, self.cfg.vocab_size, self.context_len, self.pool.size, min(self.context_len, self.scheduler.chunk_size),
             has_tokenizer=self.tokenizer is not None,
         )  # fmt: skip
+        t_pool = time.monotonic()
         self.compiled = None if args.disable_compile else self._compile(profile)
+        t_end = time.monotonic()
+        compile_s = self.compiled.stats.compile_seconds if self.compiled else 0.0
+        # Where start-up went, in seconds: the GGUF conversion (0 once cached), tokenizer and weights,
+        # KV pool sizing (with the CUDA graph memory probe), Inductor compiling or loading pieces, and the rest
+        # of warm-up (the trace and its forward, CUDA graph capture).
+        self.startup = {
+            "convert": t_convert - t0, "load": t_load - t_convert, "pool_sizing": t_pool - t_load,
+            "compile": compile_s, "warm_up": t_end - t_pool - compile_s, "total": t_end - t0,
+        }  # fmt: skip
+        self.startup = {k: round(v, 2) for k, v in self.startup.items()}
+        log.info("start-up: %s", ", ".join(f"{k} {v:.1f}s" for k, v in self.startup.items()))
         self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
         # Only generation has grammars (and a stop token for xgrammar to end on).
@@ -169,6 +183,7 @@ class EngineCore:
             chunked_prefill_size=self.scheduler.chunk_size,
             dtype_resolved=str(self.dtype).removeprefix("torch."),
             device_resolved=str(self.device),
+            startup_seconds=self.startup,
         )
 
     def stats(self) -> EngineStats:

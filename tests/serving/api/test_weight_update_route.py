@@ -71,6 +71,18 @@ def greedy(client: httpx.Client, n: int = NEW_TOKENS) -> dict[str, Any]:
     return resp.json()
 
 
+def stream_to_end(client: httpx.Client, tokens: int, started: threading.Event) -> dict[str, Any]:
+    """Streams a greedy request of `tokens` tokens; sets `started` at its first chunk; returns its last chunk."""
+    body = {"text": PROMPT, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True}}
+    last: dict[str, Any] = {}
+    with client.stream("POST", "/generate", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                last = json.loads(line[6:])
+                started.set()
+    return last
+
+
 def update(server: Any, body: dict[str, Any]) -> httpx.Response:
     return server.admin.post("/update_weights_from_disk", json=body)
 
@@ -145,14 +157,8 @@ def test_requests_in_flight_finish_on_the_old_weights(keyed_server, original, ch
     first_chunk = threading.Event()
     times: dict[str, float] = {}
 
-    def stream_long() -> list[int]:
-        body = {"text": PROMPT, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": LONG_TOKENS, "ignore_eos": True}}
-        last: dict[str, Any] = {}
-        with c.stream("POST", "/generate", json=body) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    last = json.loads(line[6:])
-                    first_chunk.set()
+    def stream_long() -> dict[str, Any]:
+        last = stream_to_end(c, LONG_TOKENS, first_chunk)
         times["stream_done"] = time.monotonic()
         return last
 
@@ -185,20 +191,9 @@ def test_requests_in_flight_finish_on_the_old_weights(keyed_server, original, ch
 def test_abort_all_requests_ends_the_requests_in_flight(keyed_server, original, checkpoints):
     c = keyed_server.client
     started = threading.Event()
-
-    def stream_long() -> dict[str, Any]:
-        body = {"text": PROMPT, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}}
-        last: dict[str, Any] = {}
-        with c.stream("POST", "/generate", json=body) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    last = json.loads(line[6:])
-                    started.set()
-        return last
-
     try:
         with ThreadPoolExecutor(1) as pool:
-            streamed = pool.submit(stream_long)
+            streamed = pool.submit(stream_to_end, c, 2000, started)
             assert started.wait(60)
             response = update(keyed_server, {"model_path": str(checkpoints["perturbed"]), "abort_all_requests": True})
             assert response.json()["success"] is True
@@ -230,20 +225,9 @@ def test_pause_holds_new_requests_until_continue_and_an_update_runs_at_once(keye
 def test_pause_with_abort_ends_the_requests_in_flight(keyed_server):
     c, admin = keyed_server.client, keyed_server.admin
     started = threading.Event()
-
-    def stream_long() -> dict[str, Any]:
-        body = {"text": PROMPT, "stream": True, "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
-        last: dict[str, Any] = {}
-        with c.stream("POST", "/generate", json=body) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    last = json.loads(line[6:])
-                    started.set()
-        return last
-
     try:
         with ThreadPoolExecutor(1) as pool:
-            streamed = pool.submit(stream_long)
+            streamed = pool.submit(stream_to_end, c, 2000, started)
             assert started.wait(60)
             assert admin.post("/pause_generation", json={"mode": "abort"}).status_code == 200
             assert streamed.result(timeout=10)["meta_info"]["finish_reason"]["type"] == "abort"
