@@ -55,7 +55,7 @@ def launch(flags: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kiln.bench.startup")
+    p = argparse.ArgumentParser(prog="kiln bench startup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="float32,bfloat16")
     args = p.parse_args(argv)
     result: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "source": source_version()}

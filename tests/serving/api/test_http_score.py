@@ -75,3 +75,15 @@ def test_pooled_endpoints_on_a_generation_model_are_a_400(client, path):
 def test_no_items_score_nothing(client):
     r = client.post("/v1/score", json={"query": "q", "items": [], "label_token_ids": [1]})
     assert r.status_code == 200 and r.json()["scores"] == [] and r.json()["object"] == "scoring"
+
+
+def test_a_score_is_the_same_cold_and_from_the_cache(client, labels, wait_idle):
+    """float32: the prefix's K/V from the radix cache give the numbers a full computation gives, to 1e-4.
+    (bfloat16 does not yet: its GEMMs round differently at different row counts; see docs/compatibility.md.)"""
+    body = {"query": "Would you recommend this film to a friend? Review: slow, but the ending stays with you. Answer:", "items": [" Yes"], "label_token_ids": labels}
+    wait_idle()
+    assert client.post("/flush_cache").status_code == 200
+    cold = client.post("/v1/score", json=body).json()["scores"][0]
+    assert client.get("/get_server_info").json()["cached_tokens_in_tree"] > 0
+    warm = client.post("/v1/score", json=body).json()["scores"][0]
+    torch.testing.assert_close(torch.tensor(warm), torch.tensor(cold), rtol=1e-4, atol=1e-9)
