@@ -24,6 +24,7 @@ from kiln.serving.api.schemas import (
     DetokenizeReqInput,
     EncodeReqInput,
     GenerateReqInput,
+    ResponsesRequest,
     ScoreRequest,
     TokenizeReqInput,
 )
@@ -36,6 +37,7 @@ ROUTES = {
     "/generate": GenerateReqInput,
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/responses": ResponsesRequest,
     "/tokenize": TokenizeReqInput,
     "/detokenize": DetokenizeReqInput,
     "/v1/score": ScoreRequest,
@@ -87,6 +89,7 @@ BASES: dict[str, dict[str, Any]] = {
     "/generate": {"text": "Hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
     "/v1/completions": {"prompt": "Hello", "max_tokens": 4},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    "/v1/responses": {"input": "Hi", "max_output_tokens": 4},
     "/tokenize": {"prompt": "Hello"},
     "/detokenize": {"tokens": [1, 2, 3]},
     "/v1/score": {"query": "Is it", "items": [" yes", " no"], "label_token_ids": [1, 2]},
@@ -118,14 +121,15 @@ def body_for(path: str) -> st.SearchStrategy[bytes]:
 
 def bounded(path: str, body: bytes) -> bytes:
     """Valid OpenAI bodies without a token limit would generate up to the whole context: each gets 4 tokens."""
-    if path not in ("/v1/completions", "/v1/chat/completions") or not body.startswith(b"{"):
+    if path not in ("/v1/completions", "/v1/chat/completions", "/v1/responses") or not body.startswith(b"{"):
         return body
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):
         return body
-    if isinstance(obj, dict) and obj.get("max_tokens") is None and obj.get("max_completion_tokens") is None:
-        obj["max_tokens"] = 4
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    if isinstance(obj, dict) and obj.get(limit) is None and obj.get("max_completion_tokens") is None:
+        obj[limit] = 4
     return msgspec.json.encode(obj)
 
 
@@ -185,7 +189,7 @@ def test_fuzzed_bodies_never_get_a_5xx(path: str, client: httpx.Client, bystande
     @given(body=body_for(path), stream=st.booleans())
     def run(body: bytes, stream: bool) -> None:
         body = bounded(path, body)
-        if stream and body.startswith(b"{") and path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        if stream and body.startswith(b"{") and path in ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses"):
             try:
                 body = msgspec.json.encode({**json.loads(body), "stream": True})
             except (ValueError, TypeError, RecursionError):
