@@ -181,8 +181,10 @@ class EngineClient:
                 self._send(AbortRequest(req.rid))
 
     def abort(self, rid: str, message: str | None = None) -> None:
-        """Aborts one request, or every one for rid ""."""
-        self._send(AbortRequest(rid, message))
+        """Aborts one request (with the n copies `rid-0`, `rid-1`, ... it was split into), or every one for rid ""."""
+        copies = [r for r in self._queues if r.startswith(rid + "-") and r[len(rid) + 1 :].isdigit()] if rid else []
+        for target in [rid, *copies]:
+            self._send(AbortRequest(target, message))
 
     async def _ask(self, msg: Any, timeout: float | None) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

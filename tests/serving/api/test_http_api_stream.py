@@ -171,3 +171,17 @@ def test_flush_cache_refused_while_running(client, wait_idle):
         list(lines)
     wait_idle(available_slots=before["available_slots"])
     assert client.post("/flush_cache").status_code == 200
+
+
+def test_abort_request_by_rid_ends_its_n_copies(client, wait_idle):
+    before = wait_idle()
+    body = {"text": "Count", "rid": "parent", "stream": True, "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True, "n": 2}}
+    with client.stream("POST", "/generate", json=body) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        assert client.post("/abort_request", json={"rid": "parent"}).status_code == 200
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    finished = {c["meta_info"]["id"]: c["meta_info"]["finish_reason"] for c in chunks if c["meta_info"]["finish_reason"]}
+    assert set(finished) == {"parent-0", "parent-1"}
+    assert all(reason["type"] == "abort" for reason in finished.values())
+    wait_idle(available_slots=before["available_slots"])
