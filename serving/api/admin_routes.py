@@ -69,7 +69,6 @@ class InfoController(Controller):
         used = ctx.engine.info.limits.max_total_tokens - stats.free_slots
         return json_response([{"dp_rank": 0, "num_running_reqs": stats.num_running_reqs, "num_waiting_reqs": stats.num_waiting_reqs, "num_tokens": used}])
 
-
     @get("/get_weight_version")
     async def weight_version(self, ctx: ServingContext) -> Response:
         return json_response({"weight_version": ctx.tm.served.weight_version})
