@@ -38,9 +38,9 @@ def json_object_or_its_prefix(text: str, finish_reason: str) -> None:
 
 
 def test_response_format_json_object_on_both_routes(sdk):
-    chat = sdk.chat.completions.create(model="m", messages=USER, response_format={"type": "json_object"}, max_tokens=60, temperature=0)
+    chat = sdk.chat.completions.create(model="m", messages=USER, response_format={"type": "json_object"}, max_tokens=24, temperature=0)
     json_object_or_its_prefix(chat.choices[0].message.content, chat.choices[0].finish_reason)
-    comp = sdk.completions.create(model="m", prompt="JSON:", max_tokens=60, temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    comp = sdk.completions.create(model="m", prompt="JSON:", max_tokens=24, temperature=0, extra_body={"response_format": {"type": "json_object"}})
     json_object_or_its_prefix(comp.choices[0].text, comp.choices[0].finish_reason)
     free = sdk.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=0)
     assert not free.choices[0].message.content.lstrip().startswith("{")  # so the format, not the prompt, made it JSON
