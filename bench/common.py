@@ -4,6 +4,9 @@ import os
 import platform
 import socket
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,35 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclass
+class Launched:
+    """A `kiln serve` started by `launch_kiln`: its process, base URL, and seconds from launch to /health 200."""
+
+    proc: subprocess.Popen
+    url: str
+    to_healthy_s: float
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def launch_kiln(flags: list[str]) -> Launched:
+    """Starts `kiln serve` on a free port with `flags` and returns once /health answers 200."""
+    import httpx
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("kiln")), "serve", "--port", str(port), "--log-level", "warning", *flags]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kiln serve {' '.join(flags)} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return Launched(proc, url, time.monotonic() - t0)
+        except httpx.HTTPError:
+            time.sleep(0.1)

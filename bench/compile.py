@@ -9,14 +9,11 @@ compiled engine in this process, at each batch size, and print compiled/eager.
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from kiln.bench.common import launch_kiln
 from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
@@ -25,23 +22,10 @@ from kiln.serving.server_args import ServerArgs
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_to_healthy(cache: Path, dtype: str, port: int) -> float:
-    exe = Path(sys.executable).with_name("kiln")
-    t0 = time.monotonic()
-    cmd = [str(exe), "serve", "--port", str(port), "--dtype", dtype, "--compile-cache-dir", str(cache), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kiln serve exited with {proc.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                time.sleep(0.2)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def time_to_healthy(cache: Path, dtype: str) -> float:
+    server = launch_kiln(["--dtype", dtype, "--compile-cache-dir", str(cache)])
+    server.stop()
+    return server.to_healthy_s
 
 
 def decode_rate(core: EngineCore, batch: int, new_tokens: int) -> float:
@@ -62,15 +46,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--port", type=int, default=30123)
     ap.add_argument("--skip-start", action="store_true", help="skip the cold/warm start timing")
     args = ap.parse_args()
     result: dict = {"dtype": args.dtype, "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
 
     if not args.skip_start:
         with tempfile.TemporaryDirectory() as cache:
-            result["cold_start_s"] = round(time_to_healthy(Path(cache), args.dtype, args.port), 1)
-            result["warm_start_s"] = round(time_to_healthy(Path(cache), args.dtype, args.port), 1)
+            result["cold_start_s"] = round(time_to_healthy(Path(cache), args.dtype), 1)
+            result["warm_start_s"] = round(time_to_healthy(Path(cache), args.dtype), 1)
         print(f"launch to /health 200: cold {result['cold_start_s']} s, warm {result['warm_start_s']} s")
 
     batches = [int(b) for b in args.batches.split(",")]

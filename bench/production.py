@@ -14,7 +14,6 @@ counters are read before and after to show that nothing was recompiled.
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,26 +23,10 @@ from typing import Any
 
 import httpx
 
-from kiln.bench.common import RESULTS, free_port, machine, source_version
+from kiln.bench.common import RESULTS, launch_kiln, machine, source_version
 from kiln.models.loader import resolve_checkpoint
 from kiln.serving.api.metrics import ServingMetrics
 from kiln.serving.messages import TokenOutput
-
-
-def start(args: argparse.Namespace, metrics: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("kiln")), "serve", "--port", str(port), "--dtype", args.dtype, "--log-level", "warning"]
-    cmd += ["--enable-metrics"] * metrics + ["--disable-compile"] * args.disable_compile
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kiln serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
 
 
 def decode_round(url: str, requests: int, new_tokens: int) -> float:
@@ -98,18 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = resolve_checkpoint(None, Path.home() / ".cache" / "kiln")
     result: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args), "machine": machine(), "source": source_version()}
     rates: dict[str, list[float]] = {"on": [], "off": []}
-    servers = {"on": start(args, True), "off": start(args, False)}
+    flags = ["--dtype", args.dtype] + ["--disable-compile"] * args.disable_compile
+    servers = {"on": launch_kiln([*flags, "--enable-metrics"]), "off": launch_kiln(flags)}
     try:
-        for _, url in servers.values():
-            decode_round(url, args.requests, args.new_tokens)  # first-use costs out of the way
+        for server in servers.values():
+            decode_round(server.url, args.requests, args.new_tokens)  # first-use costs out of the way
         for _ in range(args.rounds):
-            for key, (_, url) in servers.items():
-                rates[key].append(decode_round(url, args.requests, args.new_tokens))
-        result["weight_update"] = updates(servers["on"][1], checkpoint, args.updates)
+            for key, server in servers.items():
+                rates[key].append(decode_round(server.url, args.requests, args.new_tokens))
+        result["weight_update"] = updates(servers["on"].url, checkpoint, args.updates)
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(60)
+        for server in servers.values():
+            server.stop()
     result["count_one_output_us"] = count_cost()
     on, off = (statistics.median(rates[k]) for k in ("on", "off"))
     result["decode_tok_s"] = {"metrics_on": rates["on"], "metrics_off": rates["off"], "median_on": on, "median_off": off, "on_over_off": on / off}

@@ -10,7 +10,6 @@ Each start's breakdown (convert, load, pool sizing, compile, warm-up) comes from
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,38 +19,24 @@ from typing import Any
 
 import httpx
 
-from kiln.bench.common import RESULTS, free_port, machine, source_version
+from kiln.bench.common import RESULTS, launch_kiln, machine, source_version
 from kiln.models.loader import default_model_path, resolve_checkpoint
 
 
 def launch(flags: list[str]) -> dict[str, Any]:
     """Seconds from launch to /health 200, and the engine's own start-up breakdown."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("kiln")
-    t0 = time.monotonic()
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--log-level", "warning", *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server = launch_kiln(flags)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kiln serve {' '.join(flags)} exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    healthy = time.monotonic() - t0
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        info = httpx.get(url + "/get_server_info", timeout=30).json()
-        counters = info.get("compile", {})
-        return {
-            "to_healthy_s": round(healthy, 2),
-            "engine": info["startup_seconds"],
-            "cache_hits": counters.get("cache_hits"),
-            "cache_misses": counters.get("cache_misses"),
-        }
+        info = httpx.get(server.url + "/get_server_info", timeout=30).json()
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
+    counters = info.get("compile", {})
+    return {
+        "to_healthy_s": round(server.to_healthy_s, 2),
+        "engine": info["startup_seconds"],
+        "cache_hits": counters.get("cache_hits"),
+        "cache_misses": counters.get("cache_misses"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
