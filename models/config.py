@@ -55,8 +55,8 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; its config has no flag for them.
-            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            # Qwen2 always has q/k/v biases; its config has no flag for them (Qwen2-MoE's may say qkv_bias).
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", model_type in ("qwen2", "qwen2_moe")))),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             raw=cfg,

@@ -45,10 +45,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, activation: Callable[[Tensor], Tensor] = F.silu):
+    def __init__(self, cfg: ModelConfig, activation: Callable[[Tensor], Tensor] = F.silu, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * width, bias=False)
+        self.down_proj = Linear(width, cfg.hidden_size, bias=False)
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,47 +104,54 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Copy HF-named tensors into Kiln's (partly fused) parameters."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
+        loaded: dict[str, set[str]] = {}
         for name, tensor in weights:
-            name = name.removeprefix("model.")
+            name = self.checkpoint_name(name.removeprefix("model."))
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
-            parts = name.split(".")
-            fused = self.fused_weights.get(parts[-2]) if len(parts) >= 2 else None
-            if fused is None:
-                if name not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                copy_weight(params[name].data, tensor)
-                loaded.add(name)
+            target, shard, dest = self.locate(name, params)
+            copy_weight(dest, tensor)
+            loaded.setdefault(target, set()).add(shard)
+        missing = []
+        for name, param in params.items():
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            target_name = ".".join(parts[:-2] + [fused[0], parts[-1]])
-            target = params[target_name].data
-            sizes = self._fused_sizes(fused[0])
-            offset = sum(sizes[: fused[1]])
-            copy_weight(target[offset : offset + sizes[fused[1]]], tensor)
-            loaded.add(f"{target_name}#{fused[1]}")
-        self._check_all_loaded(params, loaded)
+            got = loaded.get(name, set())
+            if "" not in got:  # "" is the whole tensor; otherwise every shard must have come
+                missing += [f"{name}#{s}" if s else name for s in self.shards(name, param) if s not in got]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _fused_sizes(self, fused: str) -> list[int]:
+    def checkpoint_name(self, name: str) -> str:
+        """A checkpoint tensor's name in this model's terms (architectures that name things differently rename here)."""
+        return name
+
+    def locate(self, name: str, params: dict[str, nn.Parameter]) -> tuple[str, str, Tensor]:
+        """(parameter, shard, the slice of it) that checkpoint tensor `name` fills; shard "" is the whole parameter."""
+        parts = name.split(".")
+        fused = self.fused_weights.get(parts[-2]) if len(parts) >= 2 else None
+        if fused is None:
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            return name, "", params[name].data
+        target = ".".join(parts[:-2] + [fused[0], parts[-1]])
+        sizes = self._fused_sizes(fused[0], params[target])
+        offset = sum(sizes[: fused[1]])
+        return target, str(fused[1]), params[target].data[offset : offset + sizes[fused[1]]]
+
+    def shards(self, name: str, param: Tensor) -> list[str]:
+        """The shards a parameter is loaded from when the checkpoint stores it in parts."""
+        fused = name.split(".")[-2]
+        if fused in ("qkv_proj", "gate_up_proj"):
+            return [str(i) for i in range(len(self._fused_sizes(fused, param)))]
+        return [""]
+
+    def _fused_sizes(self, fused: str, param: Tensor) -> list[int]:
         cfg = self.cfg
         if fused == "qkv_proj":
             kv = cfg.num_key_value_heads * cfg.head_dim
             return [cfg.num_attention_heads * cfg.head_dim, kv, kv]
-        return [cfg.intermediate_size, cfg.intermediate_size]
-
-    def _check_all_loaded(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
-        missing = []
-        for name in params:
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            fused = name.split(".")[-2]
-            if fused in ("qkv_proj", "gate_up_proj"):
-                shards = len(self._fused_sizes(fused))
-                missing += [f"{name}#{i}" for i in range(shards) if f"{name}#{i}" not in loaded]
-            elif name not in loaded:
-                missing.append(name)
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        return [param.shape[0] // 2] * 2  # gate and up halves, whatever this MLP's width
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kiln.models.config import ModelConfig
+from kiln.models.moe import SparseMoE
 from kiln.models.registry import model_class
 from kiln.models.rope import RotaryEmbedding
 from kiln.models.weights import ModelNotFoundError, iter_weights
@@ -124,4 +125,6 @@ def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset_tables()  # built on the meta device, and kept in float32
+        elif isinstance(m, SparseMoE):
+            m.expert_counts.zero_()  # uninitialised by to_empty
     return model.eval().requires_grad_(False)

@@ -8,11 +8,15 @@ from kiln.models.gemma3 import Gemma3ForCausalLM
 from kiln.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from kiln.models.llama_classifier import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 from kiln.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
+from kiln.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "BertModel": BertModel,
     "XLMRobertaModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,

@@ -5,7 +5,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kiln.models.loader import load_model, read_config
-from kiln.ops.attention import AttentionMetadata
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -40,22 +39,7 @@ def checkpoint(request, tmp_path):
     return tmp_path, hf
 
 
-class Pool:
-    """A small slot pool for driving the model by hand: request i owns slots from i*64+1."""
-
-    def __init__(self, cfg, requests: int):
-        shape = (cfg.num_hidden_layers, requests * 64 + 1, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv = (torch.zeros(shape), torch.zeros(shape))
-        self.table = torch.zeros(requests, 64, dtype=torch.int32)
-        for i in range(requests):
-            self.table[i] = torch.arange(i * 64 + 1, (i + 1) * 64 + 1)
-
-    def meta(self, rows: list[int], starts: list[int], news: list[int]) -> AttentionMetadata:
-        slots = torch.cat([self.table[r, s : s + n] for r, s, n in zip(rows, starts, news)]).long()
-        return AttentionMetadata.build(slots, self.table, rows, [s + n for s, n in zip(starts, news)], news)
-
-
-def test_logits_match_transformers(checkpoint):
+def test_logits_match_transformers(checkpoint, kv_pool):
     folder, hf = checkpoint
     cfg = read_config(folder)
     model = load_model(folder, cfg, torch.float32, torch.device("cpu"))
@@ -64,7 +48,7 @@ def test_logits_match_transformers(checkpoint):
         refs = [hf(torch.tensor([p])).logits[0] for p in prompts]
 
     # Both prompts prefilled in one batch, all but their last two tokens...
-    pool = Pool(cfg, 2)
+    pool = kv_pool(cfg, 2)
     heads = [p[:-2] for p in prompts]
     ids = torch.tensor(sum(heads, []))
     pos = torch.cat([torch.arange(len(h)) for h in heads])
