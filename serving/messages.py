@@ -92,8 +92,14 @@ class ContinueGeneration(msgspec.Struct, tag=True):
     pass
 
 
+class ExpertDistribution(msgspec.Struct, tag=True):
+    """The expert distribution recorder: start (from zero), stop, or dump (to a file, then from zero)."""
+
+    action: Literal["start", "stop", "dump"]
+
+
 class ControlReply(msgspec.Struct, tag=True):
-    """The engine's answer to FlushCache, UpdateWeights, PauseGeneration and ContinueGeneration."""
+    """The engine's answer to FlushCache, UpdateWeights, PauseGeneration, ContinueGeneration and ExpertDistribution."""
 
     success: bool
     message: str = ""
@@ -161,5 +167,8 @@ class EngineError(msgspec.Struct, tag=True):
     message: str
 
 
-ToEngine = GenerateRequest | AbortRequest | StatsRequest | FlushCache | UpdateWeights | PauseGeneration | ContinueGeneration | Shutdown
+ToEngine = (
+    GenerateRequest | AbortRequest | StatsRequest | FlushCache | UpdateWeights | PauseGeneration | ContinueGeneration
+    | ExpertDistribution | Shutdown
+)  # fmt: skip
 FromEngine = StepOutput | EngineInfo | EngineStats | ControlReply | EngineError

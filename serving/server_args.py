@@ -64,6 +64,11 @@ class ServerArgs:
         None, "required (instead of --api-key) by the routes that change server state: weights, cache, abort, pause", secret=True
     )
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics (SGLang's names)")
+    expert_distribution_recorder_mode: str | None = _opt(
+        None, "stat: count the tokens each MoE layer routes to each expert, for /start|stop|dump_expert_distribution_record",
+        choices=["stat"],
+    )  # fmt: skip
+    expert_distribution_recorder_dir: str | None = _opt(None, "where /dump_expert_distribution_record writes (default: <cache-dir>/expert_distribution)")
     cors_allow_origins: tuple[str, ...] = _opt(
         (), "web origins (e.g. https://app.example) whose pages may call this server; others get a 403 on every POST (default: none)"
     )

@@ -2,9 +2,10 @@
 
 import asyncio
 import time
+from typing import Literal
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, get, post, route
 from litestar.exceptions import NotFoundException
 
 from kiln import __version__
@@ -27,6 +28,12 @@ FLUSH_MESSAGE = (
     "(When there are running or waiting requests, the operation will not be performed.)\n"
 )
 HEALTH_TIMEOUT_S = 20
+# SGLang's plain-text answers, by recorder action.
+EXPERT_DISTRIBUTION_REPLIES = {
+    "start": "Start recording the expert distribution.\n",
+    "stop": "Stop recording the expert distribution.\n",
+    "dump": "Dump expert distribution record.\n",
+}
 
 
 class InfoController(Controller):
@@ -146,3 +153,26 @@ class StateController(Controller):
         await ctx.engine.resume()
         ctx.tm.gate.resume()
         return json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+    @route("/start_expert_distribution_record", http_method=["GET", "POST"], status_code=200)
+    async def start_expert_distribution_record(self, ctx: ServingContext) -> Response:
+        """Counts from zero the tokens each MoE layer routes to each expert (again from zero if already counting)."""
+        return await _expert_distribution(ctx, "start")
+
+    @route("/stop_expert_distribution_record", http_method=["GET", "POST"], status_code=200)
+    async def stop_expert_distribution_record(self, ctx: ServingContext) -> Response:
+        """Stops counting; the counts so far wait for the next dump."""
+        return await _expert_distribution(ctx, "stop")
+
+    @route("/dump_expert_distribution_record", http_method=["GET", "POST"], status_code=200)
+    async def dump_expert_distribution_record(self, ctx: ServingContext) -> Response:
+        """Writes the counts (a torch.save file and a CSV under --expert-distribution-recorder-dir), then zeroes them."""
+        return await _expert_distribution(ctx, "dump")
+
+
+async def _expert_distribution(ctx: ServingContext, action: Literal["start", "stop", "dump"]) -> Response:
+    reply = await ctx.engine.expert_distribution(action)
+    if not reply.success:
+        # SGLang's scheduler raises this message and takes the server down; here it is the client's 400.
+        raise InvalidRequest(reply.message)
+    return Response(content=EXPERT_DISTRIBUTION_REPLIES[action], status_code=200, media_type="text/plain")

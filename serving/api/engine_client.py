@@ -6,7 +6,7 @@ import multiprocessing as mp
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -15,6 +15,7 @@ from kiln.serving.messages import (
     AbortRequest,
     ContinueGeneration,
     ControlReply,
+    ExpertDistribution,
     EngineError,
     EngineInfo,
     EngineStats,
@@ -209,6 +210,10 @@ class EngineClient:
 
     async def resume(self) -> None:
         await self._ask(ContinueGeneration(), 60)
+
+    async def expert_distribution(self, action: Literal["start", "stop", "dump"]) -> ControlReply:
+        """Starts, stops or dumps the expert distribution recorder; a dump's reply carries the file's path."""
+        return await self._ask(ExpertDistribution(action), 60)
 
     def stop_accepting(self, reason: str) -> None:
         """New requests get a 503 with `reason`; those in flight carry on."""

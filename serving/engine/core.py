@@ -21,6 +21,8 @@ from kiln.models.bert import BertModel
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
 from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
+from kiln.serving.engine.expert_recorder import DISABLED as EXPERT_RECORDER_DISABLED
+from kiln.serving.engine.expert_recorder import ExpertRecorder
 from kiln.serving.engine.grammar import GrammarCompiler, grammar_key
 from kiln.serving.engine.grammar_mask import GrammarMask
 from kiln.serving.engine.kv_pool import KVPool
@@ -36,6 +38,7 @@ from kiln.serving.messages import (
     ControlReply,
     EngineInfo,
     EngineStats,
+    ExpertDistribution,
     FinishAbort,
     GenerateRequest,
     PauseMode,
@@ -92,6 +95,10 @@ class EngineCore:
         t_load = time.monotonic()
         log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, t_load - t_convert)
 
+        self.expert_recorder = None
+        if args.expert_distribution_recorder_mode:
+            out_dir = Path(args.expert_distribution_recorder_dir or Path(args.cache_dir) / "expert_distribution")
+            self.expert_recorder = ExpertRecorder(self.model, out_dir)
         self.pooling = self._pooling_config() if self.kind == EMBEDDING else None
         self.context_len = args.context_length or getattr(self.model, "max_tokens", self.cfg.max_position_embeddings)
         profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
@@ -273,6 +280,17 @@ class EngineCore:
             if msg.flush_cache:
                 self.scheduler.reset_cache()
         return ControlReply(ok, message)
+
+    def expert_distribution(self, msg: ExpertDistribution) -> ControlReply:
+        if self.expert_recorder is None:
+            return ControlReply(False, EXPERT_RECORDER_DISABLED)
+        if msg.action == "start":
+            self.expert_recorder.start()
+        elif msg.action == "stop":
+            self.expert_recorder.stop()
+        else:
+            return ControlReply(True, str(self.expert_recorder.dump()))
+        return ControlReply(True)
 
     def abort(self, rid: str, message: str | None = None) -> list[TokenOutput]:
         hit = [r for r, _ in self.compiling if not rid or r.rid == rid]

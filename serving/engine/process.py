@@ -12,6 +12,7 @@ from kiln.serving.messages import (
     AbortRequest,
     ContinueGeneration,
     ControlReply,
+    ExpertDistribution,
     EngineError,
     FinishAbort,
     FlushCache,
@@ -68,6 +69,8 @@ def run_engine(args: ServerArgs, conn: Connection) -> None:
                 elif isinstance(msg, ContinueGeneration):
                     core.resume()
                     send(ControlReply(True))
+                elif isinstance(msg, ExpertDistribution):
+                    send(core.expert_distribution(msg))
                 elif isinstance(msg, Shutdown):
                     return
             if core.has_work and not core.paused:

@@ -160,3 +160,51 @@ def test_sliding_window_layers_compiled_match_transformers_without_recompiles(ge
     assert drive(compiled, wave) == want
     counters = compiled.stats().compile
     assert counters["recompiles"] == 0 and counters["graph_breaks"] == 0 and counters["eager_fallbacks"] == 0
+
+
+@pytest.fixture(scope="module")
+def moe_engines(tmp_path_factory):
+    """A tiny Qwen2-MoE (shared expert, a dense middle layer), eager and compiled."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    root = tmp_path_factory.mktemp("moe")
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=256,
+    )  # fmt: skip
+    hf = Qwen2MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)  # decisive routing
+    hf.save_pretrained(root / "model")
+    (root / "profile.toml").write_text(PROFILE.replace("[1, 2, 4]", "[4]").replace("[16, 64]", "[64]"))
+    common = dict(model_path=str(root / "model"), skip_tokenizer_init=True, dtype="float32", max_total_tokens=2048, max_running_requests=6)
+    eager = EngineCore(ServerArgs(**common, disable_compile=True))
+    compiled = EngineCore(ServerArgs(**common, profile=str(root / "profile.toml"), compile_cache_dir=str(root / "cache")))
+    return eager, compiled
+
+
+def expert_counts(core: EngineCore) -> list[list[int]]:
+    return [layer.mlp.expert_counts.tolist() for layer in core.model.layers if hasattr(layer.mlp, "expert_counts")]
+
+
+def test_moe_compiled_matches_eager_and_counts_inside_the_graph(moe_engines):
+    eager, compiled = moe_engines
+    gen = torch.Generator().manual_seed(5)
+    waves = [
+        [(f"m{i}", torch.randint(1, 96, (n,), generator=gen).tolist(), 10) for i, n in enumerate((3, 17, 40))],
+        [("late", torch.randint(1, 96, (9,), generator=gen).tolist(), 6)],
+    ]
+    for core in (eager, compiled):
+        for layer in core.model.layers:
+            if hasattr(layer.mlp, "expert_counts"):
+                layer.mlp.expert_counts.zero_()
+    assert drive(compiled, waves) == drive(eager, waves)
+    # Bucket padding (to 4 decode rows, 64 prefill tokens) is neither routed nor counted, compiled or not.
+    assert expert_counts(compiled) == expert_counts(eager)
+    assert sum(map(sum, expert_counts(eager))) == 2 * 2 * (3 + 17 + 40 + 9 + 3 * 9 + 5)
+    counters = compiled.stats().compile
+    assert counters["recompiles"] == 0 and counters["graph_breaks"] == 0 and counters["eager_fallbacks"] == 0

@@ -5,7 +5,10 @@ import openai
 import pytest
 
 # The routes that change server state: only the admin key opens them when one is set.
-ADMIN_ROUTES = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/update_weight_version", "/pause_generation", "/continue_generation"}
+ADMIN_ROUTES = {
+    "/flush_cache", "/abort_request", "/update_weights_from_disk", "/update_weight_version", "/pause_generation",
+    "/continue_generation", "/start_expert_distribution_record", "/stop_expert_distribution_record", "/dump_expert_distribution_record",
+}  # fmt: skip
 OPEN_PREFIXES = ("/health", "/metrics")
 # Bodies that an authorised call answers harmlessly (a 400, or a no-op).
 BODIES = {"/pause_generation": {"mode": "not-a-mode"}}
