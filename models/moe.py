@@ -126,10 +126,6 @@ class MoEForCausalLM(LlamaForCausalLM):
     def sliding_window(self) -> int:
         return 0
 
-    def sparse_layers(self) -> list[SparseMoE]:
-        """The MoE blocks in layer order: the expert distribution recorder reads their counts."""
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
-
     def locate(self, name: str, params: dict[str, nn.Parameter]) -> tuple[str, str, Tensor]:
         parts = name.split(".")
         # layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight -> row block of the stacked expert tensors
