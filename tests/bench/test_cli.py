@@ -15,4 +15,4 @@ def test_bench_dispatches_to_the_benchmark(name: str, prog: str, capsys: pytest.
 
 def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "nope"]) == 2
-    assert "kiln bench {serve,offline,one-batch,startup}" in capsys.readouterr().err
+    assert "kiln bench {serve,offline,one-batch,startup,moe}" in capsys.readouterr().err
