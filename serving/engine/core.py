@@ -18,7 +18,8 @@ from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
 from kiln.models.bert import BertModel
-from kiln.models.loader import load_model, read_config, resolve_checkpoint
+from kiln.models.loader import default_quantization, gguf_file, load_model, quantize_model, read_config, resolve_checkpoint
+from kiln.models.quantize import check_mode
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
 from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
 from kiln.serving.engine.expert_recorder import DISABLED as EXPERT_RECORDER_DISABLED
@@ -90,8 +91,18 @@ class EngineCore:
             # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
             self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
+        gguf = gguf_file(args.model_path)
+        self.quantization = check_mode(args.torchao_config) if args.torchao_config else default_quantization(gguf, args.dtype, self.device)
+        if self.quantization != "none":
+            if self.device.type != "cpu":
+                raise ValueError(f"--torchao-config {self.quantization} runs on the CPU only; this engine runs on {self.device}")
+            if args.dtype == "auto":
+                # torch's packed CPU kernels are fast with bfloat16 activations only, native or not (SmolLM2 at
+                # batch 1 on an AVX-512 Xeon without AVX512-BF16: 45 ms a token in bfloat16, 396 in float32).
+                self.dtype = torch.bfloat16
         self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.quantized_layers = {} if self.quantization == "none" else quantize_model(self.model, self.cfg, self.quantization, self.dtype, gguf)
+        weights = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
         t_load = time.monotonic()
         log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, t_load - t_convert)
 
@@ -159,7 +170,7 @@ class EngineCore:
         )
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
-        self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding)
+        self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization)
         self.paused = False
         self._generated: deque[tuple[float, int]] = deque()  # (time, output tokens) per step, for gen_throughput
 
@@ -169,7 +180,7 @@ class EngineCore:
         return read_pooling_config(self.checkpoint, default, self.args.pooling_method, normalize)
 
     def _compile(self, profile: Profile) -> CompiledModel:
-        key = cache_key(self.cfg.raw, self.dtype, self.device, profile)
+        key = cache_key({**self.cfg.raw, "kiln_quantization": self.quantization}, self.dtype, self.device, profile)
         cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile") / key
         use_cache_dir(cache)
         compiled = CompiledModel(self.model, profile, cuda_graphs=not self.args.disable_cuda_graph)
@@ -191,6 +202,7 @@ class EngineCore:
             dtype_resolved=str(self.dtype).removeprefix("torch."),
             device_resolved=str(self.device),
             startup_seconds=self.startup,
+            quantization={"mode": self.quantization, "layers": self.quantized_layers},
         )
 
     def stats(self) -> EngineStats:

@@ -28,8 +28,9 @@ def _reason(exc: BaseException) -> str:
 
 
 class WeightUpdater:
-    def __init__(self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool):
+    def __init__(self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool, quantization: str = "none"):
         self.model = model
+        self.quantization = quantization
         self.checkpoint = checkpoint  # the folder the served weights came from
         self.cache_dir = cache_dir
         self.is_embedding = is_embedding
@@ -47,6 +48,8 @@ class WeightUpdater:
             log.error("update_weights_from_disk: %s", exc)
             return False, f"Failed to get weights iterator: {_reason(exc)}."
         try:
+            if self.quantization != "none":
+                raise ValueError(f"the served linears are quantized ({self.quantization}); start the server with --torchao-config none to update weights")
             served, new = type(self.model), model_class(cfg, self.is_embedding)
             if new is not served:
                 raise ValueError(f"the checkpoint is a {cfg.architectures[0]} ({new.__name__}) but the server runs {served.__name__}")

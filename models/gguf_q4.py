@@ -1,0 +1,73 @@
+"""A GGUF's Q4_1 projections loaded straight into packed int4 layers: the very weights llama.cpp serves.
+
+A Q4_1 block holds 32 weights of one row as a float16 scale d, a float16 minimum m and
+32 four-bit values q (the first 16 in the low nibbles, the next 16 in the high ones),
+w = d * q + m. That is an int4 group of 32 with scale d and zero m + 8d in the packed
+kernel's w = (q - 8) * scale + zero, so no value is rounded again. llama.cpp's
+converter reorders Llama's q and k rows for its rotary layout; transformers undoes it
+when it de-quantizes, and so does this loader, on whole rows.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kiln.models.config import ModelConfig
+from kiln.models.quantize import replace_linear
+from kiln.ops.quant_linear import Int4Linear
+
+Q4_1_GROUP = 32
+# Kiln module of each layer -> the GGUF tensors it fuses, in order.
+MODULES = {
+    "self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
+    "self_attn.o_proj": ("attn_output",),
+    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
+    "mlp.down_proj": ("ffn_down",),
+}
+
+
+def q4_1_groups(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Q4_1 rows [N, blocks * 20 bytes] -> (q uint8 [N, K] in 0..15, scale, zero float32 [N, K / 32])."""
+    blocks = torch.from_numpy(np.array(raw)).view(raw.shape[0], -1, 20)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    nibbles = blocks[..., 4:]
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).flatten(1)
+    return q, d, m + 8 * d
+
+
+def _llama_row_order(rows: int, heads: int) -> Tensor:
+    """Row i of the de-permuted weight is row order[i] of llama.cpp's."""
+    return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).flatten()
+
+
+def load_q4_1(model: nn.Module, gguf: Path, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    replaced = 0
+    for layer in range(cfg.num_hidden_layers):
+        for module, parts in MODULES.items():
+            found = [tensors.get(f"blk.{layer}.{part}.weight") for part in parts]
+            if any(t is None or t.tensor_type != GGMLQuantizationType.Q4_1 for t in found):
+                continue
+            groups = []
+            for part, tensor in zip(parts, found):
+                q, scale, zero = q4_1_groups(tensor.data)
+                if cfg.model_type == "llama" and part in heads:
+                    order = _llama_row_order(q.shape[0], heads[part])
+                    q, scale, zero = q[order], scale[order], zero[order]
+                groups.append((q, scale, zero))
+            name = f"layers.{layer}.{module}"
+            dense = model.get_submodule(name)
+            q, scale, zero = (torch.cat(g) for g in zip(*groups))
+            if q.shape != dense.weight.shape:
+                raise ValueError(f"{gguf.name}: {name} is {tuple(q.shape)} in the GGUF but {tuple(dense.weight.shape)} in the model")
+            bias = None if dense.bias is None else dense.bias.detach()
+            replace_linear(model, name, Int4Linear(q, scale, zero, bias, dtype))
+            replaced += 1
+    return replaced

@@ -1,0 +1,56 @@
+"""Swapping a loaded model's dense linears for weight-only quantized ones (`--torchao-config`, SGLang's spelling).
+
+Modes: `int8wo` (int8 per output row) and `int4wo-<group>` (int4 in groups of 32,
+64, 128 or 256 along the input). The projections of every layer (q/k/v, o, gate/up,
+down) take the mode; the LM head takes int8 in both, since the logits are what a
+sampler and a logprob read (llama.cpp keeps SmolLM2's head in 8 bits too), and the
+embedding stays dense (a lookup reads one row per token). A projection whose shape
+the int4 layout cannot hold (rows not in sixteens) takes int8, and one the int8
+kernel cannot (inputs not in sixteens) stays dense. MoE routers and experts stay as
+they are.
+"""
+
+import re
+
+import torch
+from torch import nn
+
+from kiln.ops.linear import Linear
+from kiln.ops.quant_linear import Int4Linear, Int8Linear, int4_fits, int4_weights, int8_fits, int8_weights
+
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_MODE = re.compile(r"int8wo|int4wo-(32|64|128|256)")
+
+
+def check_mode(mode: str) -> str:
+    """`none`, `int8wo` or `int4wo-<group>`; anything else is the user's error, said before any loading."""
+    if mode not in ("", "none") and not _MODE.fullmatch(mode):
+        raise ValueError(f"--torchao-config {mode!r} is not supported; use int8wo, int4wo-32, int4wo-64, int4wo-128, int4wo-256 or none")
+    return mode or "none"
+
+
+def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize(model: nn.Module, mode: str, dtype: torch.dtype, skip: set[str] = frozenset()) -> dict[str, int]:
+    """Quantizes the dense linears in place (all but those named in `skip`); returns how many went to each format."""
+    group = int(mode.split("-")[1]) if mode.startswith("int4wo") else 0
+    formats: dict[str, int] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear) or name in skip:
+            continue
+        is_head, is_projection = name == "lm_head", name.rsplit(".", 1)[-1] in PROJECTIONS
+        if not (is_head or is_projection):
+            continue
+        weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        if group and is_projection and int4_fits(*weight.shape, group):
+            new, fmt = Int4Linear(*int4_weights(weight, group), bias, dtype), f"int4wo-{group}"
+        elif int8_fits(*weight.shape):
+            new, fmt = Int8Linear(*int8_weights(weight), bias, dtype), "int8wo"
+        else:
+            new, fmt = module, "dense"
+        replace_linear(model, name, new)
+        formats[fmt] = formats.get(fmt, 0) + 1
+    return formats

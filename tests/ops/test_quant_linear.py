@@ -1,0 +1,75 @@
+"""int8 and int4 weight-only linears against their own de-quantized weights, eager and inside torch.compile."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kiln.ops.quant_linear import Int4Linear, Int8Linear, int4_weights, int8_weights
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+SHAPES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.float() @ weight.t()
+    return out if bias is None else out + bias.float()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, fan_in: int) -> None:
+    tol = TOLERANCE[dtype] * fan_in**0.5  # rounding grows with the length of each dot product
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=TOLERANCE[dtype])
+
+
+@SHAPES
+@given(
+    rows=st.integers(1, 40), sixteens=st.integers(1, 12), n_out=st.integers(1, 120), bias=st.booleans(),
+    dtype=st.sampled_from(list(TOLERANCE)), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_int8_matches_its_dequantized_weights(rows, sixteens, n_out, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_in = 16 * sixteens
+    w, b = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g) if bias else None
+    q, scales = int8_weights(w)
+    assert (w - q.float() * scales[:, None]).abs().max() <= scales.max() / 2 + 1e-6  # round to nearest
+    layer = Int8Linear(q, scales, b, dtype)
+    x = torch.randn(rows, n_in, generator=g).to(dtype)
+    deq = q.float() * scales.to(dtype).float()[:, None]
+    assert_close(layer(x), reference(x, deq, None if b is None else b.to(dtype)), dtype, n_in)
+
+
+@SHAPES
+@given(
+    rows=st.integers(1, 40), groups=st.integers(1, 4), group=st.sampled_from([32, 64, 128]), sixteens=st.integers(1, 5),
+    bias=st.booleans(), dtype=st.sampled_from(list(TOLERANCE)), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_int4_matches_its_dequantized_weights(rows, groups, group, sixteens, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_in, n_out = groups * group, 16 * sixteens
+    w, b = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g) if bias else None
+    q, scale, zero = int4_weights(w, group)
+    assert q.max() <= 15
+    expand = lambda t: t.float().repeat_interleave(group, dim=1)  # noqa: E731
+    assert (w - ((q.float() - 8) * expand(scale) + expand(zero))).abs().max() <= scale.max() / 2 + 1e-5  # within half a step
+    # The kernel holds scales and zeros in the activations' dtype.
+    deq = (q.float() - 8) * expand(scale.to(dtype)) + expand(zero.to(dtype))
+    layer = Int4Linear(q, scale, zero, b, dtype)
+    x = torch.randn(rows, n_in, generator=g).to(dtype)
+    assert_close(layer(x), reference(x, deq, None if b is None else b.to(dtype)), dtype, n_in)
+
+
+def test_compiled_across_row_counts_without_recompiles():
+    g = torch.Generator().manual_seed(0)
+    w8, w4 = torch.randn(64, 96, generator=g), torch.randn(32, 64, generator=g)
+    int8 = Int8Linear(*int8_weights(w8), torch.randn(64, generator=g), torch.float32)
+    int4 = Int4Linear(*int4_weights(w4, 32), None, torch.float32)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return int4(torch.relu(int8(x)))
+
+    compiled = torch.compile(block, dynamic=True, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    for rows in (2, 7, 33, 64):
+        x = torch.randn(rows, 96, generator=g)
+        torch.testing.assert_close(compiled(x), block(x), atol=1e-4, rtol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
