@@ -1,5 +1,6 @@
 """What every benchmark records beside its figures: the machine, the commit, where results go, and a free port."""
 
+import json
 import os
 import platform
 import socket
@@ -11,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def write_result(result: dict[str, Any], default_name: str, out: str | Path | None = None) -> Path:
+    """Writes a benchmark's JSON (to bench/results/<default_name> unless `out` says where) and says where."""
+    path = RESULTS / default_name if out is None else Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path
 
 
 def machine() -> dict[str, Any]:

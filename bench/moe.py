@@ -15,7 +15,6 @@ expert), served by an engine in this process, eager and compiled; decode tok/s i
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kiln.bench.common import RESULTS, machine, source_version
+from kiln.bench.common import machine, source_version, write_result
 from kiln.bench.one_batch import memory_bandwidth, run_batch
 from kiln.ops.moe import moe
 from kiln.serving.engine.core import EngineCore
@@ -192,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "source": source_version(),
     }
-    out = RESULTS / f"moe-{args.dtype}.json" if args.out is None else args.out
-    RESULTS.mkdir(exist_ok=True)
-    with open(out, "w") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, f"moe-{args.dtype}.json", args.out)
     return 0
 
 

@@ -9,14 +9,13 @@ step time, printed beside the machine's own read bandwidth, measured here by sum
 """
 
 import argparse
-import json
 import random
 import time
 from typing import Any
 
 import torch
 
-from kiln.bench.common import RESULTS, machine, source_version
+from kiln.bench.common import machine, source_version, write_result
 from kiln.serving.engine.core import EngineCore
 from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest
@@ -115,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "source": source_version(),
     }
-    out = RESULTS / f"one_batch-{dtype}.json" if args.out is None else args.out
-    RESULTS.mkdir(exist_ok=True)
-    with open(out, "w") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, f"one_batch-{dtype}.json", args.out)
     return 0
 
 

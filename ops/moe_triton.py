@@ -81,6 +81,9 @@ def _grouped_gemm(
     tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+BLOCK_N, BLOCK_K = 64, 32
+
+
 def _block_m(num_pairs: int, num_experts: int) -> int:
     # Decode-sized batches give each expert a handful of pairs: a 64-row tile would be mostly padding.
     return 16 if num_pairs <= 16 * num_experts else 64
@@ -134,24 +137,20 @@ def moe_triton(
     sorted_pairs, block_expert, counts = _align(ids, num_tokens, experts, block_m)
     expert_counts += counts
 
-    block_n, block_k = 64, 32
-    ieee = _ieee_dots(x)
-    mid = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rows of padding pairs stay unwritten
-    _grouped_gemm[(block_expert.shape[0], triton.cdiv(inter, block_n))](
-        x, w13, mid, sorted_pairs, block_expert, weights,
-        pairs, inter, hidden,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), mid.stride(0), mid.stride(1),
-        TOP_K=top_k, GATHER_BY_TOKEN=True, SILU_GATE=True, MUL_WEIGHT=False,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
-    )  # fmt: skip
-    y = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm[(block_expert.shape[0], triton.cdiv(hidden, block_n))](
-        mid, w2, y, sorted_pairs, block_expert, weights,
-        pairs, hidden, inter,
-        mid.stride(0), mid.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1),
-        TOP_K=top_k, GATHER_BY_TOKEN=False, SILU_GATE=False, MUL_WEIGHT=True,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
-    )  # fmt: skip
+    def grouped_gemm(a: Tensor, w: Tensor, n: int, first: bool) -> Tensor:
+        """The first GEMM gathers x by token and gates (SiLU(gate) * up); the second scales by the routing weight.
+        Rows of padding pairs stay unwritten."""
+        c = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
+        _grouped_gemm[(block_expert.shape[0], triton.cdiv(n, BLOCK_N))](
+            a, w, c, sorted_pairs, block_expert, weights,
+            pairs, n, a.shape[1],
+            a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
+            TOP_K=top_k, GATHER_BY_TOKEN=first, SILU_GATE=first, MUL_WEIGHT=not first,
+            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=_ieee_dots(x),
+        )  # fmt: skip
+        return c
+
+    y = grouped_gemm(grouped_gemm(x, w13, inter, first=True), w2, hidden, first=False)
     out = y.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32)
     real = torch.arange(tokens, device=x.device) < num_tokens.reshape(-1)[:1]
     # where, not a multiply: padding rows of y are uninitialised memory, maybe NaN

@@ -21,6 +21,14 @@ class Pool:
         return AttentionMetadata.build(slots, self.table, rows, [s + n for s, n in zip(starts, news)], news)
 
 
+    def decode_logits(self, model, prompts: list[list[int]], back: int) -> torch.Tensor:
+        """One decode step for every request at once: request i feeds prompts[i][-back] over its cached prefix."""
+        starts = [len(p) - back for p in prompts]
+        ids = torch.tensor([p[s] for p, s in zip(prompts, starts)])
+        meta = self.meta(list(range(len(prompts))), starts, [1] * len(prompts))
+        with torch.no_grad():
+            return model.compute_logits(model(ids, torch.tensor(starts), self.kv, meta))
+
 @pytest.fixture
 def kv_pool() -> type[Pool]:
     return Pool

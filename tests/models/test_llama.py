@@ -59,13 +59,10 @@ def test_logits_match_transformers(checkpoint, kv_pool):
     torch.testing.assert_close(logits[len(heads[0]) :], refs[1][: len(heads[1])], atol=1e-4, rtol=1e-4)
 
     # ...then one decode step per request at a time over the cached prefix.
-    for step in (2, 1):
-        starts = [len(p) - step for p in prompts]
-        ids = torch.tensor([p[s] for p, s in zip(prompts, starts)])
-        with torch.no_grad():
-            logits = model.compute_logits(model(ids, torch.tensor(starts), pool.kv, pool.meta([0, 1], starts, [1, 1])))
+    for back in (2, 1):
+        logits = pool.decode_logits(model, prompts, back)
         for i, p in enumerate(prompts):
-            torch.testing.assert_close(logits[i], refs[i][starts[i]], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[i], refs[i][len(p) - back], atol=1e-4, rtol=1e-4)
 
 
 def test_config_reads_both_rope_layouts():

@@ -101,13 +101,10 @@ def test_logits_and_routing_match_transformers(checkpoint, kv_pool):
     torch.testing.assert_close(logits[len(heads[0]) : real], refs[1][: len(heads[1])], **TOLERANCE)
 
     # ...then one decode step for both requests at a time over the cached prefix.
-    for step in (2, 1):
-        starts = [len(p) - step for p in prompts]
-        ids = torch.tensor([p[s] for p, s in zip(prompts, starts)])
-        with torch.no_grad():
-            logits = model.compute_logits(model(ids, torch.tensor(starts), pool.kv, pool.meta([0, 1], starts, [1, 1])))
+    for back in (2, 1):
+        logits = pool.decode_logits(model, prompts, back)
         for i, p in enumerate(prompts):
-            torch.testing.assert_close(logits[i], refs[i][starts[i]], **TOLERANCE)
+            torch.testing.assert_close(logits[i], refs[i][len(p) - back], **TOLERANCE)
 
     # Every real token went through the router once, padding never: the counts are transformers' top-k, exactly.
     layers = cfg.num_hidden_layers
