@@ -20,7 +20,7 @@ import kiln
 from kiln.bench.common import RESULTS, machine, source_version
 from kiln.bench.datasets import BenchRequest, random_requests
 from kiln.models.loader import resolve_checkpoint
-from kiln.serving.engine.core import resolve_dtype
+from kiln.serving.engine.device import resolve_dtype
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
 

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kiln.models.loader import default_model_path, resolve_checkpoint
-    from kiln.serving.engine.core import resolve_dtype
+    from kiln.serving.engine.device import resolve_dtype
     from kiln.serving.server_args import ServerArgs
     from kiln.serving.tokenizer import load_tokenizer
 

@@ -1,7 +1,6 @@
 """The model loop's owner: loads the model, sizes the KV pool, steps the scheduler."""
 
 import logging
-import os
 import time
 import traceback
 from collections import deque
@@ -18,10 +17,10 @@ from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
 from kiln.models.bert import BertModel
-from kiln.models.loader import default_quantization, gguf_file, load_model, quantize_model, read_config, resolve_checkpoint
-from kiln.models.quantize import check_mode
+from kiln.models.loader import gguf_file, load_model, quantize_model, read_config, resolve_checkpoint
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
 from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
+from kiln.serving.engine.device import available_memory, resolve_device, resolve_quantization
 from kiln.serving.engine.expert_recorder import DISABLED as EXPERT_RECORDER_DISABLED
 from kiln.serving.engine.expert_recorder import ExpertRecorder
 from kiln.serving.engine.grammar import GrammarCompiler, grammar_key
@@ -56,31 +55,10 @@ log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 class EngineCore:
     def __init__(self, args: ServerArgs):
         self.args = args
         self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
         t0 = time.monotonic()
         self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
         t_convert = time.monotonic()
@@ -92,14 +70,7 @@ class EngineCore:
             self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
         gguf = gguf_file(args.model_path)
-        self.quantization = check_mode(args.torchao_config) if args.torchao_config else default_quantization(gguf, args.dtype, self.device)
-        if self.quantization != "none":
-            if self.device.type != "cpu":
-                raise ValueError(f"--torchao-config {self.quantization} runs on the CPU only; this engine runs on {self.device}")
-            if args.dtype == "auto":
-                # torch's packed CPU kernels are fast with bfloat16 activations only, native or not (SmolLM2 at
-                # batch 1 on an AVX-512 Xeon without AVX512-BF16: 45 ms a token in bfloat16, 396 in float32).
-                self.dtype = torch.bfloat16
+        self.quantization, self.dtype = resolve_quantization(args.torchao_config, args.dtype, self.device, gguf)
         self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
         self.quantized_layers = {} if self.quantization == "none" else quantize_model(self.model, self.cfg, self.quantization, self.dtype, gguf)
         weights = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
