@@ -16,8 +16,16 @@ def store_kv_torch(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots
     v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+# Read once. Without native bfloat16 (no AVX512-BF16 or AMX), the CPU's SDPA runs 2 to 3x faster on float32
+# copies of bfloat16 K/V than on the K/V themselves (decode of 9 heads on a 2-core Xeon: 1 request over 1,000
+# tokens 0.55 against 1.16 ms; 32 over 1,000 tokens 15.7 against 32.3 ms).
+UPCAST_BF16 = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, logit_cap: float, is_causal: bool = False) -> Tensor:
     """q: [..., H, Q, D]; k, v: [..., KVH, K, D]; mask: True where a key is seen."""
+    if UPCAST_BF16 and k.dtype == torch.bfloat16 and k.device.type == "cpu":
+        return _attend(q.float(), k.float(), v.float(), mask, scale, logit_cap, is_causal).to(k.dtype)
     if logit_cap <= 0:
         return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
     group = q.shape[-3] // k.shape[-3]
