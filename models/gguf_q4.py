@@ -9,6 +9,7 @@ when it de-quantizes, and so does this loader, on whole rows.
 """
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,23 @@ MODULES = {
 }
 
 
+class GGUFQ4_1:
+    """A GGUF's Q4_1 tensors by name, read on first use and then kept: parsing the file takes seconds (2.8 s for
+    SmolLM2's, most of it the tokenizer's metadata), and both the default --torchao-config and the loading need them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tensors: dict[str, Any] | None = None
+
+    @property
+    def tensors(self) -> dict[str, Any]:
+        if self._tensors is None:
+            from gguf import GGMLQuantizationType, GGUFReader
+
+            self._tensors = {t.name: t for t in GGUFReader(self.path).tensors if t.tensor_type == GGMLQuantizationType.Q4_1}
+        return self._tensors
+
+
 def q4_1_groups(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
     """Q4_1 rows [N, blocks * 20 bytes] -> (q uint8 [N, K] in 0..15, scale, zero float32 [N, K / 32])."""
     blocks = torch.from_numpy(np.array(raw)).view(raw.shape[0], -1, 20)
@@ -43,17 +61,15 @@ def _llama_row_order(rows: int, heads: int) -> Tensor:
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).flatten()
 
 
-def load_q4_1(model: nn.Module, gguf: Path, cfg: ModelConfig, dtype: torch.dtype) -> int:
+def load_q4_1(model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    tensors = gguf.tensors
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     replaced = 0
     for layer in range(cfg.num_hidden_layers):
         for module, parts in MODULES.items():
             found = [tensors.get(f"blk.{layer}.{part}.weight") for part in parts]
-            if any(t is None or t.tensor_type != GGMLQuantizationType.Q4_1 for t in found):
+            if any(t is None for t in found):
                 continue
             groups = []
             for part, tensor in zip(parts, found):
@@ -66,7 +82,7 @@ def load_q4_1(model: nn.Module, gguf: Path, cfg: ModelConfig, dtype: torch.dtype
             dense = model.get_submodule(name)
             q, scale, zero = (torch.cat(g) for g in zip(*groups))
             if q.shape != dense.weight.shape:
-                raise ValueError(f"{gguf.name}: {name} is {tuple(q.shape)} in the GGUF but {tuple(dense.weight.shape)} in the model")
+                raise ValueError(f"{gguf.path.name}: {name} is {tuple(q.shape)} in the GGUF but {tuple(dense.weight.shape)} in the model")
             bias = None if dense.bias is None else dense.bias.detach()
             replace_linear(model, name, Int4Linear(q, scale, zero, bias, dtype))
             replaced += 1

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kiln.models.config import ModelConfig
-from kiln.models.gguf_q4 import load_q4_1
+from kiln.models.gguf_q4 import GGUFQ4_1, load_q4_1
 from kiln.models.moe import SparseMoE
 from kiln.models.quantize import quantize
 from kiln.models.registry import model_class
@@ -142,18 +142,15 @@ def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch
     return model.eval().requires_grad_(False)
 
 
-def default_quantization(gguf: Path | None, dtype: str, device: torch.device) -> str:
+def default_quantization(gguf: GGUFQ4_1 | None, dtype: str, device: torch.device) -> str:
     """What an unset --torchao-config means: on the CPU, a GGUF's own Q4_1 weights, packed (int4wo-32), unless
     --dtype asks for float32 or float16 activations; dense weights otherwise."""
     if gguf is None or device.type != "cpu" or dtype not in ("auto", "bfloat16"):
         return "none"
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    has_q4_1 = any(t.tensor_type == GGMLQuantizationType.Q4_1 for t in GGUFReader(gguf).tensors)
-    return "int4wo-32" if has_q4_1 else "none"
+    return "int4wo-32" if gguf.tensors else "none"
 
 
-def quantize_model(model: nn.Module, cfg: ModelConfig, mode: str, dtype: torch.dtype, gguf: Path | None) -> dict[str, int]:
+def quantize_model(model: nn.Module, cfg: ModelConfig, mode: str, dtype: torch.dtype, gguf: GGUFQ4_1 | None) -> dict[str, int]:
     """Applies --torchao-config to a loaded model: a GGUF's Q4_1 projections go in as they are for
     int4wo-32, the rest is quantized from the dense weights. Returns the layers per format."""
     formats: dict[str, int] = {}

@@ -34,12 +34,12 @@ def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def quantize(model: nn.Module, mode: str, dtype: torch.dtype, skip: set[str] = frozenset()) -> dict[str, int]:
-    """Quantizes the dense linears in place (all but those named in `skip`); returns how many went to each format."""
+def quantize(model: nn.Module, mode: str, dtype: torch.dtype) -> dict[str, int]:
+    """Quantizes the dense linears in place; returns how many went to each format."""
     group = int(mode.split("-")[1]) if mode.startswith("int4wo") else 0
     formats: dict[str, int] = {}
     for name, module in list(model.named_modules()):
-        if not isinstance(module, Linear) or name in skip:
+        if not isinstance(module, Linear):
             continue
         is_head, is_projection = name == "lm_head", name.rsplit(".", 1)[-1] in PROJECTIONS
         if not (is_head or is_projection):
@@ -50,7 +50,8 @@ def quantize(model: nn.Module, mode: str, dtype: torch.dtype, skip: set[str] = f
         elif int8_fits(*weight.shape):
             new, fmt = Int8Linear(*int8_weights(weight), bias, dtype), "int8wo"
         else:
-            new, fmt = module, "dense"
+            formats["dense"] = formats.get("dense", 0) + 1
+            continue
         replace_linear(model, name, new)
         formats[fmt] = formats.get(fmt, 0) + 1
     return formats

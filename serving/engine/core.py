@@ -17,6 +17,7 @@ from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
 from kiln.models.bert import BertModel
+from kiln.models.gguf_q4 import GGUFQ4_1
 from kiln.models.loader import gguf_file, load_model, quantize_model, read_config, resolve_checkpoint
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
 from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
@@ -69,7 +70,8 @@ class EngineCore:
             # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
             self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
-        gguf = gguf_file(args.model_path)
+        path = gguf_file(args.model_path)
+        gguf = None if path is None else GGUFQ4_1(path)
         self.quantization, self.dtype = resolve_quantization(args.torchao_config, args.dtype, self.device, gguf)
         self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
         self.quantized_layers = {} if self.quantization == "none" else quantize_model(self.model, self.cfg, self.quantization, self.dtype, gguf)

@@ -1,10 +1,9 @@
 """Which device, dtype and quantization an engine runs with, and how much memory it may take."""
 
 import os
-from pathlib import Path
-
 import torch
 
+from kiln.models.gguf_q4 import GGUFQ4_1
 from kiln.models.loader import default_quantization
 from kiln.models.quantize import check_mode
 
@@ -23,7 +22,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def resolve_quantization(torchao_config: str, dtype_name: str, device: torch.device, gguf: Path | None) -> tuple[str, torch.dtype]:
+def resolve_quantization(torchao_config: str, dtype_name: str, device: torch.device, gguf: GGUFQ4_1 | None) -> tuple[str, torch.dtype]:
     """(--torchao-config in effect, activation dtype). Quantized linears run on the CPU only, and with
     --dtype auto in bfloat16: torch's packed CPU kernels are fast with bfloat16 activations only, native or not
     (SmolLM2 at batch 1 on an AVX-512 Xeon without AVX512-BF16: 45 ms a token in bfloat16, 396 in float32)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kiln.models.gguf_q4 import load_q4_1
+from kiln.models.gguf_q4 import GGUFQ4_1, load_q4_1
 from kiln.models.loader import default_model_path, load_model, quantize_model, read_config, resolve_checkpoint
 from kiln.ops.quant_linear import Int4Linear, Int8Linear
 from kiln.serving.engine.core import EngineCore
@@ -32,7 +32,7 @@ def load(folder: Path, dtype: torch.dtype, mode: str) -> torch.nn.Module:
     cfg = read_config(folder)
     model = load_model(folder, cfg, dtype, torch.device("cpu"))
     if mode != "none":
-        quantize_model(model, cfg, mode, dtype, default_model_path())
+        quantize_model(model, cfg, mode, dtype, GGUFQ4_1(default_model_path()))
     return model
 
 
@@ -51,7 +51,7 @@ def test_q4_1_projections_are_the_gguf_weights_exactly(folder):
     cfg = read_config(folder)
     model = load_model(folder, cfg, torch.float32, torch.device("cpu"))
     dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if name.endswith("_proj")}
-    assert load_q4_1(model, default_model_path(), cfg, torch.float32) == 4 * cfg.num_hidden_layers
+    assert load_q4_1(model, GGUFQ4_1(default_model_path()), cfg, torch.float32) == 4 * cfg.num_hidden_layers
     last = cfg.num_hidden_layers - 1
     for name, want in dense.items():
         layer = model.get_submodule(name)
@@ -64,7 +64,7 @@ def test_q4_1_projections_are_the_gguf_weights_exactly(folder):
 def test_packed_q4_1_computes_transformers_function(folder, hf, kv_pool):
     cfg = read_config(folder)
     model = load_model(folder, cfg, torch.float32, torch.device("cpu"))
-    load_q4_1(model, default_model_path(), cfg, torch.float32)  # the projections only; the head stays dense
+    load_q4_1(model, GGUFQ4_1(default_model_path()), cfg, torch.float32)  # the projections only; the head stays dense
     ids = AutoTokenizer.from_pretrained(folder)("The rabbit-hole went straight on like a tunnel for some way").input_ids
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]
