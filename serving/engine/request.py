@@ -79,8 +79,9 @@ class Req:
         return lo, max(lo, min(self.kv_len + n, len(self.input_ids) - 1))
 
     def max_prefix(self) -> int:
-        """Longest cached prefix usable: one token is always computed, and so is every position still to score."""
-        return min(self.num_tokens - 1, self.input_lp_pos)
+        """Longest cached prefix usable: two tokens are always computed (a prompt's positions never go
+        through decode attention: see scheduler._chunk), and so is every position still to score."""
+        return max(0, min(self.num_tokens - 2, self.input_lp_pos))
 
     @property
     def prefilling(self) -> bool:

@@ -48,6 +48,8 @@ class Scheduler:
         self.pool = pool
         self.cache = cache
         self.max_running = max_running_requests
+        if 0 < chunk_size < 3:
+            raise ValueError(f"--chunked-prefill-size must be at least 3 (or -1 to disable), got {chunk_size}: prompts are never split into lone tokens.")
         self.chunk_size = chunk_size if chunk_size > 0 else 1 << 30
         self.policy = policy
         self.new_token_ratio = new_token_ratio
@@ -82,7 +84,7 @@ class Scheduler:
         budget = self.chunk_size
         plan: list[tuple[Req, int]] = []
         for req in list(self.running):
-            n = min(req.num_tokens - req.kv_len, budget) if req.prefilling else 1
+            n = _chunk(req.num_tokens - req.kv_len, budget) if req.prefilling else 1
             if n > 0:
                 plan.append((req, n))
                 budget -= n
@@ -127,8 +129,8 @@ class Scheduler:
             prefix, node = self.cache.match_prefix(req.all_ids[: req.max_prefix()]) if self.cache else ([], None)
             if node is not None:
                 self.cache.inc_lock(node)  # before measuring: locked slots are no longer evictable
-            n = min(req.num_tokens - len(prefix), budget)
-            if not self.split_prompts and n < req.num_tokens - len(prefix):
+            n = _chunk(req.num_tokens - len(prefix), budget)
+            if n == 0 or not self.split_prompts and n < req.num_tokens - len(prefix):
                 if node is not None:
                     self.cache.dec_lock(node)
                 break
@@ -242,3 +244,13 @@ class Scheduler:
             self.pool.free(self.pool.slots_of(req.row, 0, req.alloc_len))
         self.pool.free_row(req.row)
         req.row, req.prefix_len, req.prefix_node = -1, 0, None
+
+
+def _chunk(left: int, budget: int) -> int:
+    """Prompt tokens to compute this step: never a lone one while two or more are left, so every prompt
+    position goes through the prefill attention kernels (see attention_torch.QUERY_BLOCK) and comes out
+    the same whether its prefix was cached or not. 0 when the budget cannot take a valid chunk."""
+    n = min(left, budget)
+    if left - n == 1:
+        n -= 1
+    return n if n >= 2 or n == left else 0

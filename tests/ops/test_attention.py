@@ -1,11 +1,13 @@
 """kiln::attention (the CPU path) against the reference, on ragged mixed batches with padding."""
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.ops.attention import AttentionMetadata, attention
 from kiln.ops.attention_ref import attention_reference
+from kiln.ops.attention_torch import extend_torch
 
 
 def run_op(b, causal=True, sliding_window=0, logit_cap=0.0):
@@ -70,3 +72,26 @@ def test_fake_impls_keep_shapes_under_compile_tracing():
         ]
         ops.store_kv(k, k, cache, cache, 0, idx)
     assert [tuple(o.shape) for o in outs] == [(5, 4, 8)] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 200])
+def test_a_prompt_position_comes_out_the_same_however_its_prefix_was_computed(dtype, window):
+    """What keeps prompt logprobs and /v1/score independent of the radix cache: a prompt position's output
+    has the same bits whether the prompt runs whole, over a cached prefix of any length (two or more new
+    tokens), or as part of a shorter prompt; 700 tokens cross SDPA's 512-key split."""
+    torch.manual_seed(0)
+    total, heads, kv_heads, dim = 700, 6, 2, 16
+    k_cache, v_cache = (torch.randn(total + 1, kv_heads, dim).to(dtype) for _ in range(2))
+    table = torch.arange(1, total + 1, dtype=torch.int32)[None]
+    q = torch.randn(total, heads, dim).to(dtype)
+
+    def attend(length: int, new: int) -> torch.Tensor:
+        lens = lambda n: torch.tensor([n])  # noqa: E731
+        return extend_torch(q[length - new : length], k_cache, v_cache, table, lens(0), lens(length), lens(new), 0.25, True, window, 0.0)
+
+    whole = attend(total, total)
+    for cached in (1, 37, 511, 513, 650, total - 2):
+        assert torch.equal(attend(total, total - cached), whole[cached:]), f"cached prefix of {cached}"
+    for shorter in (2, 100, 530, 690):
+        assert torch.equal(attend(shorter, shorter), whole[:shorter]), f"a prompt of {shorter}"

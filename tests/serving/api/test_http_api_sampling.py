@@ -103,8 +103,8 @@ def test_parallel_sampling_shares_the_prefill_and_is_reproducible(generate):
     assert [r["output_ids"] for r in first] == [r["output_ids"] for r in again]
     assert len({tuple(r["output_ids"]) for r in first}) > 1, "the n samples must differ"
     prompt = first[0]["meta_info"]["prompt_tokens"]
-    # Copies after the first reuse its prompt's KV from the radix cache instead of computing it again.
-    assert all(r["meta_info"]["cached_tokens"] >= prompt - 1 for r in first[1:])
+    # Copies after the first reuse its prompt's KV from the radix cache, all but the two tokens always computed.
+    assert all(r["meta_info"]["cached_tokens"] >= prompt - 2 for r in first[1:])
 
 
 def test_stop_regex_finishes_on_the_matched_text(generate, solo_greedy):

@@ -78,8 +78,9 @@ def test_no_items_score_nothing(client):
 
 
 def test_a_score_is_the_same_cold_and_from_the_cache(client, labels, wait_idle):
-    """float32: the prefix's K/V from the radix cache give the numbers a full computation gives, to 1e-4.
-    (bfloat16 does not yet: its GEMMs round differently at different row counts; see docs/compatibility.md.)"""
+    """float32: the prefix's K/V from the radix cache give the numbers a full computation gives, to 1e-4 (the
+    dense GEMM rounds one or two rows differently). The default bfloat16 int4 weights give the same bits: see
+    tests/serving/engine/test_prefix_cache_and_pressure.py."""
     body = {"query": "Would you recommend this film to a friend? Review: slow, but the ending stays with you. Answer:", "items": [" Yes"], "label_token_ids": labels}
     wait_idle()
     assert client.post("/flush_cache").status_code == 200

@@ -90,3 +90,32 @@ def test_input_logprobs_are_the_same_across_prefill_chunks():
     assert len(whole[0].input_logprobs) == len(PROMPTS[0]) - 5
     assert [t for top in chunked[0].input_top_logprobs for _, t in top] == [t for top in whole[0].input_top_logprobs for _, t in top]
     assert chunked[0].input_logprobs == pytest.approx(whole[0].input_logprobs, abs=1e-4)
+
+
+def test_bfloat16_scores_are_the_same_bits_cold_cached_and_chunked():
+    """What /v1/score asks (one greedy token, the label ids' logprobs), with the default weights (bfloat16, the
+    GGUF's int4): the same bits whether the prompt was computed now, came from the radix cache (after itself
+    or after another prompt sharing its prefix), or ran in chunks."""
+    from kiln.serving.messages import LogprobRequest
+
+    labels = [9, 4000, 4100]
+
+    def score(core: EngineCore, prompt: list[int]) -> list[list[tuple[float, int]]]:
+        core.add(GenerateRequest("s", prompt, SamplingParams(max_new_tokens=1, temperature=0), LogprobRequest(token_ids=labels)))
+        outs = []
+        while core.has_work:
+            outs += core.step()
+        return [o for o in outs if o.ids_logprobs][0].ids_logprobs
+
+    def bf16_engine(**kw) -> EngineCore:
+        return EngineCore(ServerArgs(dtype="bfloat16", disable_compile=True, max_running_requests=6, max_total_tokens=4096, **kw))
+
+    core = bf16_engine()
+    assert core.quantized_layers.get("int4wo-32 (GGUF Q4_1)", 0) > 0
+    cold = score(core, PROMPTS[0])
+    assert core.scheduler.cache.total_size() > 0
+    assert score(core, PROMPTS[0]) == cold  # all but its last tokens cached
+    primed = bf16_engine()
+    score(primed, PROMPTS[1])
+    assert score(primed, PROMPTS[0]) == cold  # the prefix another prompt left
+    assert score(bf16_engine(chunked_prefill_size=16, disable_radix_cache=True), PROMPTS[0]) == cold

@@ -1,8 +1,8 @@
 """A hypothesis state machine over the scheduler with the real slot pool and radix cache.
 
 Random arrivals (with shared prefixes), steps with random sampled tokens, and aborts; after every rule
-each slot is in exactly one place (free list, radix tree, or a running request's own range) and no lock
-outlives its request.
+each slot is in exactly one place (free list, radix tree, or a running request's own range), no lock
+outlives its request, and no prompt token is computed alone.
 """
 
 import torch
@@ -35,6 +35,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self, tokens):
         batch = self.s.schedule()
         if batch is not None:
+            for req, ids in zip(batch.reqs, batch.extends):
+                # Prompt tokens come two or more at a time, never leaving a lone one (see scheduler._chunk).
+                left = req.num_tokens - req.kv_len
+                assert len(ids) == left == 1 or len(ids) >= 2 and left - len(ids) != 1, (len(ids), left)
             self.s.process(batch, (tokens * 8)[: len(batch.reqs)])
 
     @rule(data=st.data())
