@@ -304,7 +304,7 @@ class EngineCore:
             return outputs
         if self.kind != GENERATION:
             return outputs + self._pooled_step(batch)
-        # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
+        # Rows still mid-prefill have no next token to sample.
         ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         mask = self.masks.start([batch.reqs[i] for i in ready])
         try:
