@@ -40,7 +40,7 @@ def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
         for i, r in enumerate(reqs)
         if len(r.output_ids) < r.params.min_new_tokens
         # Stop ids outside the vocabulary are accepted (as SGLang) and can never be sampled anyway.
-        for t in sorted(r.stop_ids | (set() if r.params.ignore_eos else eos_ids))
+        for t in r.stop_ids | (set() if r.params.ignore_eos else eos_ids)
         if 0 <= t < vocab
     ]
     if banned:
