@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kiln.models.config import ModelConfig
+from kiln.models.dummy import init_dummy_weights
 from kiln.models.gguf_q4 import GGUFQ4_1, load_q4_1
 from kiln.models.moe import SparseMoE
 from kiln.models.quantize import quantize
@@ -127,13 +128,20 @@ def read_config(folder: Path) -> ModelConfig:
     return cfg
 
 
-def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False) -> nn.Module:
+def load_model(
+    folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False, dummy_seed: int | None = None
+) -> nn.Module:
+    """Builds the model for cfg and reads folder's weights into it; with dummy_seed, reads nothing and fills the
+    weights at random from that seed instead (--load-format dummy)."""
     with torch.device("meta"):
         model = model_class(cfg, is_embedding)(cfg)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
-    model.load_weights(iter_weights(folder))
+    if dummy_seed is None:
+        model.load_weights(iter_weights(folder))
+    else:
+        init_dummy_weights(model, dummy_seed)
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset_tables()  # built on the meta device, and kept in float32

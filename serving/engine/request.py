@@ -4,9 +4,9 @@ import re
 import time
 from collections.abc import Callable
 
-import torch
 import xgrammar as xgr
 
+from kiln.serving.engine.noise import as_int64
 from kiln.serving.messages import FinishAbort, FinishLength, FinishReason, FinishStop, LogprobRequest
 from kiln.serving.sampling_params import SamplingParams
 
@@ -43,7 +43,8 @@ class Req:
         self.queue_time: float | None = None  # seconds from arrival to first admission
         self.finish_reason: FinishReason | None = None
         self.sent = 0  # output ids already reported to the client
-        self.generator = torch.Generator().manual_seed(params.sampling_seed if params.sampling_seed is not None else seed)
+        # The sampler's noise key (noise.py); the n samples of one request come with seeds seed + i.
+        self.seed = as_int64(params.sampling_seed if params.sampling_seed is not None else seed)
         self.stop_ids = set(params.stop_token_ids or [])
         self.stop_strs = params.stop_strings
         self.max_stop_len = max((len(s) for s in self.stop_strs), default=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from kiln.models.dummy import init_dummy_weights
 from kiln.models.loader import read_config, resolve_checkpoint
 from kiln.models.registry import model_class
 from kiln.models.weights import check_weights, iter_weights, weight_files
@@ -28,10 +29,13 @@ def _reason(exc: BaseException) -> str:
 
 
 class WeightUpdater:
-    def __init__(self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool, quantization: str = "none"):
+    def __init__(
+        self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool, quantization: str = "none", dummy_seed: int | None = None
+    ):
         self.model = model
         self.quantization = quantization
         self.checkpoint = checkpoint  # the folder the served weights came from
+        self.dummy_seed = dummy_seed  # set while the served weights are dummy ones, which this seed makes again
         self.cache_dir = cache_dir
         self.is_embedding = is_embedding
 
@@ -61,8 +65,15 @@ class WeightUpdater:
             self.model.load_weights(iter_weights(folder))
         except Exception as exc:
             log.error("update_weights_from_disk failed while copying (%s); reading back %s", exc, self.checkpoint)
-            self.model.load_weights(iter_weights(self.checkpoint))  # a failure here leaves no weights to serve
+            self._read_back()
             return False, f"Failed to update weights: {_reason(exc)}.\nRolling back to original weights."
-        self.checkpoint = folder
+        self.checkpoint, self.dummy_seed = folder, None
         log.info("Update weights end: now serving %s (%.2fs)", folder, time.monotonic() - t0)
         return True, SUCCESS
+
+    def _read_back(self) -> None:
+        """The old weights again, after a failed copy; a failure here leaves no weights to serve."""
+        if self.dummy_seed is not None:
+            init_dummy_weights(self.model, self.dummy_seed)
+        else:
+            self.model.load_weights(iter_weights(self.checkpoint))

@@ -1,0 +1,92 @@
+"""An engine serving dummy weights: it generates from ids without a tokenizer, one seed gives one model, and a
+real checkpoint of the same shape can replace the dummy weights (a failed copy brings the dummy ones back)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kiln.serving.engine.core import EngineCore
+from kiln.serving.messages import GenerateRequest, UpdateWeights
+from kiln.serving.sampling_params import SamplingParams
+from kiln.serving.server_args import ServerArgs
+
+SHAPE = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
+PROMPTS = [[5, 9, 13, 70, 2], [40, 41, 42, 43, 44, 45, 46], [3]]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dummy")
+    (root / "config").mkdir()
+    (root / "config" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPE}))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(root / "real")
+    return {"config": root / "config", "real": root / "real"}
+
+
+def engine(path: Path, **args) -> EngineCore:
+    return EngineCore(ServerArgs(model_path=str(path), dtype="float32", max_total_tokens=1024, max_running_requests=4, disable_compile=True, **args))
+
+
+def greedy(core: EngineCore, tag: str = "") -> list[list[int]]:
+    for i, ids in enumerate(PROMPTS):
+        core.add(GenerateRequest(f"{tag}{i}", ids, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)))
+    out: dict[str, list[int]] = {}
+    while core.has_work:
+        for o in core.step():
+            out.setdefault(o.rid, []).extend(o.new_ids)
+    return [out[f"{tag}{i}"] for i in range(len(PROMPTS))]
+
+
+def test_a_config_folder_serves_ids_and_one_seed_gives_one_model(folders):
+    a = engine(folders["config"], load_format="dummy", random_seed=1)
+    assert a.tokenizer is None and not a.limits.has_tokenizer
+    tokens = greedy(a)
+    assert all(len(t) == 6 and all(0 <= x < SHAPE["vocab_size"] for x in t) for t in tokens)
+    assert greedy(engine(folders["config"], load_format="dummy", random_seed=1)) == tokens
+    other = engine(folders["config"], load_format="dummy", random_seed=2)
+    assert not torch.equal(other.model.lm_head.weight, a.model.lm_head.weight)
+
+
+def test_a_real_checkpoint_replaces_the_dummy_weights(folders, monkeypatch):
+    core = engine(folders["config"], load_format="dummy", random_seed=1)
+    dummy = greedy(core)
+    real = greedy(engine(folders["real"], skip_tokenizer_init=True))
+    assert real != dummy
+
+    import kiln.serving.engine.weight_update as wu
+
+    original = wu.iter_weights
+
+    def failing(folder: Path):
+        for i, item in enumerate(original(folder)):
+            if i == 5:
+                raise OSError("disk went away")
+            yield item
+
+    monkeypatch.setattr(wu, "iter_weights", failing)
+    reply = core.update_weights(UpdateWeights(str(folders["real"])))
+    assert (reply.success, reply.message) == (False, "Failed to update weights: disk went away.\nRolling back to original weights.")
+    assert greedy(core, "back") == dummy  # the dummy weights, made again from their seed
+
+    monkeypatch.setattr(wu, "iter_weights", original)
+    assert core.update_weights(UpdateWeights(str(folders["real"]))).success
+    assert greedy(core, "real") == real
+
+
+def test_tokenizer_files_next_to_the_config_are_used(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kiln.models.loader import resolve_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(None, Path.home() / ".cache" / "kiln"))
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((folders["config"] / "config.json").read_text())
+    core = engine(tmp_path, load_format="dummy")
+    assert core.tokenizer is not None and core.limits.has_tokenizer
