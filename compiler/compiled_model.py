@@ -13,6 +13,7 @@ from kiln.compiler.cuda_graphs import DecodeGraphs
 from kiln.compiler.piecewise import CompileStats, piecewise_backend
 from kiln.compiler.profile import Profile, pick
 from kiln.ops.attention import AttentionMetadata
+from kiln.ops.attention_decode_cpu import warm_up_decode
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class CompiledModel:
             for size in tqdm(rest, desc="compiling buckets", unit="bucket", disable=not show_progress):
                 for piece in self.stats.distinct:
                     piece.precompile(size)
+            for heads, dim, scale, window, cap in self.stats.decode_kinds:
+                q = torch.zeros(heads, dim, dtype=kv[0].dtype)
+                warm_up_decode(q, kv[0][0], kv[1][0], req_to_token, scale, window, cap)
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self._run, kv, req_to_token)
@@ -134,6 +138,7 @@ class CompiledModel:
             "recompiles": max(self.stats.traces - 1, 0),
             "graph_breaks": int(sum(torch._dynamo.utils.counters["graph_break"].values())),
             "eager_fallbacks": self.eager_fallbacks,
+            "cpu_decode_kernels": len(self.stats.decode_kinds),
             "cuda_graphs": len(self.graphs.graphs) if self.graphs else 0,
             "cuda_graph_memory_mb": round(self.graphs.memory_bytes / 1e6, 1) if self.graphs else 0,
             "piece_cuda_graphs": self.stats.piece_graphs,

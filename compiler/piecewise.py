@@ -51,6 +51,9 @@ class CompileStats:
     static_ptrs: set[int] = field(default_factory=set, repr=False)
     piece_graphs: int = 0
     artifacts: dict[tuple[str, tuple[int, ...]], Callable[..., Any]] = field(default_factory=dict, repr=False)
+    # CPU attention layers' (heads, head_dim, scale, sliding_window, logit_cap): their in-place decode kernels
+    # compile in warm-up, before serving freezes compilation.
+    decode_kinds: set[tuple[int, int, float, int, float]] = field(default_factory=set)
     distinct: list["Piece"] = field(default_factory=list, repr=False)  # one piece per distinct code
 
 
@@ -142,6 +145,19 @@ class Piece(torch.nn.Module):
         return fn(*args)
 
 
+def _lower_cpu_decode(node: fx.Node, stats: CompileStats) -> None:
+    """On the CPU, attention decodes with Inductor's in-place kernel (ops/attention_decode_cpu.py) in a compiled
+    model: the op's `inplace_decode` flag, set in the graph. Its warm-up needs the layer's constants as numbers:
+    a scale Dynamo made symbolic (it does, once the same code ran with another value in this process) keeps
+    the eager kernel."""
+    q = node.args[0].meta["example_value"]
+    scale, _causal, window, cap = node.args[13:17]
+    if q.is_cuda or not all(isinstance(c, (int, float)) for c in (scale, window, cap)):
+        return
+    node.kwargs = {**node.kwargs, "inplace_decode": True}
+    stats.decode_kinds.add((q.shape[1], q.shape[2], scale, window, cap))
+
+
 def piecewise_backend(stats: CompileStats, inductor_options: dict[str, Any]) -> Callable[..., Any]:
     def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         stats.traces += 1
@@ -154,6 +170,7 @@ def piecewise_backend(stats: CompileStats, inductor_options: dict[str, Any]) -> 
             if node.op == "call_function" and node.target is ATTENTION:
                 owner[node] = part + 1
                 part += 2
+                _lower_cpu_decode(node, stats)
             else:
                 owner[node] = part
         split = split_module(gm, None, lambda n: owner[n], keep_original_order=True)

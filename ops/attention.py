@@ -6,7 +6,9 @@ step's K/V (`kiln::store_kv`) and runs `kiln::decode_attention` when every
 request has at most one new token, else `kiln::extend_attention`. Each of those
 ops has a plain-torch kernel (CPU, `attention_torch.py`) and, where Triton is
 installed, a Triton kernel for CUDA (`attention_triton.py`); every op picks by
-device from one table. Both are tested against `attention_ref.py`.
+device from one table. Both are tested against `attention_ref.py`. A compiled
+model on the CPU decodes with `attention_decode_cpu.py` instead, Inductor's
+kernel that reads K/V in place (the compiler sets `inplace_decode`).
 
 Batch layout: the T query rows are the requests' new tokens back to back
 (request i owns ``extend_lens[i]`` rows from ``extend_starts[i]``), followed by
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kiln.ops.attention_decode_cpu import decode_inplace
 from kiln.ops.attention_torch import decode_torch, extend_torch, store_kv_torch
 
 
@@ -161,7 +164,7 @@ _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor out_slots, "
     "Tensor req_to_token, Tensor req_indices, Tensor seq_lens, Tensor extend_lens, Tensor extend_starts, "
-    "Tensor max_extend_len, float scale, bool causal, int sliding_window, float logit_cap) -> Tensor"
+    "Tensor max_extend_len, float scale, bool causal, int sliding_window, float logit_cap, bool inplace_decode=False) -> Tensor"
 )
 
 
@@ -183,8 +186,10 @@ def _attention(
     causal: bool,
     sliding_window: int,
     logit_cap: float,
+    inplace_decode: bool = False,
 ) -> Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [layers, slots, KVH, D]. Returns [T, H, D]."""
+    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [layers, slots, KVH, D]. Returns [T, H, D].
+    `inplace_decode`: on the CPU, decode with Inductor's kernel over the pool (set by the compiler)."""
     # The kernels are called directly rather than through the three ops above: on the
     # CPU, nested custom-op dispatch costs about as much as decode attention itself.
     store, decode, extend = _kernels(q)
@@ -194,6 +199,8 @@ def _attention(
     longest = int(max_extend_len[0])
     # A single new token sees every earlier one, causal or not, so decode serves both.
     if longest <= 1 and q.shape[0] == req_indices.shape[0]:
+        if inplace_decode and not q.is_cuda:
+            decode = decode_inplace
         return decode(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
     return extend(
         q, kc, vc, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, longest, scale, causal, sliding_window, logit_cap
@@ -204,7 +211,7 @@ _lib.impl("attention", _attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("kiln::attention")
-def _(q, k, v, k_cache, v_cache, layer, out_slots, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap):
+def _(q, k, v, k_cache, v_cache, layer, out_slots, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, max_extend_len, scale, causal, sliding_window, logit_cap, inplace_decode=False):
     return torch.empty_like(q)
 
 

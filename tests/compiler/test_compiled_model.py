@@ -73,6 +73,7 @@ def test_random_workload_matches_eager_without_recompiles(engines, waves):
     counters = compiled.stats().compile
     assert counters["recompiles"] == 0 and counters["graph_breaks"] == 0
     assert counters["buckets_compiled"] == 5
+    assert counters["cpu_decode_kernels"] == 1  # decode reads the pool in place (ops/attention_decode_cpu.py)
 
 
 def test_an_unwarmed_shape_is_an_error_not_a_recompile(engines):
@@ -160,6 +161,7 @@ def test_sliding_window_layers_compiled_match_transformers_without_recompiles(ge
     assert drive(compiled, wave) == want
     counters = compiled.stats().compile
     assert counters["recompiles"] == 0 and counters["graph_breaks"] == 0 and counters["eager_fallbacks"] == 0
+    assert counters["cpu_decode_kernels"] == 2  # sliding-window and global layers
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,25 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kiln.ops.attention import AttentionMetadata, attention
+from kiln.ops.attention import AttentionMetadata, attention, attention_op
 from kiln.ops.attention_ref import attention_reference
 from kiln.ops.attention_torch import extend_torch
 
 
-def run_op(b, causal=True, sliding_window=0, logit_cap=0.0):
+def run_op(b, causal=True, sliding_window=0, logit_cap=0.0, inplace_decode=False):
     meta = AttentionMetadata(
         b.out_slots, b.table, b.req_indices, b.seq_lens, b.extend_lens, b.extend_starts,
         torch.tensor([int(b.extend_lens.max())]),
     )  # fmt: skip
     scale = b.q.shape[-1] ** -0.5
-    out = attention(b.q, b.k_new, b.v_new, (b.k_cache, b.v_cache), b.layer, meta, scale, causal, sliding_window, logit_cap)
+    if inplace_decode:  # what the compiler sets in a compiled model's graph
+        out = attention_op(
+            b.q, b.k_new, b.v_new, b.k_cache, b.v_cache, b.layer, meta.out_slots, meta.req_to_token, meta.req_indices,
+            meta.seq_lens, meta.extend_lens, meta.extend_starts, meta.max_extend_len, scale, causal, sliding_window, logit_cap,
+            inplace_decode=True,
+        )  # fmt: skip
+    else:
+        out = attention(b.q, b.k_new, b.v_new, (b.k_cache, b.v_cache), b.layer, meta, scale, causal, sliding_window, logit_cap)
     k, v = b.stored()
     ref = attention_reference(b.q, k, v, b.table, b.req_indices, b.seq_lens, b.extend_lens, scale, causal, sliding_window, logit_cap)
     return out, ref
@@ -47,6 +54,24 @@ def test_window_softcap_and_bidirectional(make_batch, reqs, window, cap, causal)
     b = make_batch(reqs, pad=1)
     out, ref = run_op(b, causal=causal, sliding_window=window if causal else 0, logit_cap=cap)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@example(reqs=[(700, 1)], pad=0, window=0, cap=0.0, dtype=torch.bfloat16)  # one request: the other compiled variant
+@given(
+    reqs=st.lists(st.tuples(st.integers(0, 40), st.just(1)), min_size=1, max_size=5),
+    pad=st.integers(0, 2),
+    window=st.sampled_from([0, 3, 30]),
+    cap=st.sampled_from([0.0, 5.0]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_inplace_decode_matches_reference(make_batch, reqs, pad, window, cap, dtype):
+    """Inductor's kernel over the pool (compiled models on the CPU), with padding requests, windows and caps."""
+    b = make_batch(reqs, pad, pad, heads=6, kv_heads=2, head_dim=16, dtype=dtype)
+    out, ref = run_op(b, sliding_window=window, logit_cap=cap, inplace_decode=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.all(out[b.new_rows :] == 0), "padding requests must produce zeros"
 
 
 def test_bfloat16_close_to_reference(make_batch):
