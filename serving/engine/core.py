@@ -112,6 +112,7 @@ class EngineCore:
         self.pool = KVPool(
             num_slots, self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
             self.dtype, self.device, self.max_running, self.context_len,
+            zeroed=self.device.type == "cpu" and not args.disable_overlap_schedule and self.kind == GENERATION,
         )  # fmt: skip
         log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
         self.eos_ids = set(self.cfg.eos_token_ids)
@@ -293,7 +294,11 @@ class EngineCore:
         return ControlReply(True)
 
     def abort(self, rid: str, message: str | None = None) -> list[TokenOutput]:
-        outputs = self._drain()  # an aborted request's output ends with its last token read, no placeholder
+        # The step in flight first, so that no aborted request keeps a placeholder; its outputs for the aborted
+        # requests go before their abort, the others wait for the next step.
+        self._held += self._drain()
+        outputs = [o for o in self._held if not rid or o.rid == rid]
+        self._held = [o for o in self._held if rid and o.rid != rid]
         hit = [r for r, _ in self.compiling if not rid or r.rid == rid]
         self.compiling = [(r, f) for r, f in self.compiling if r not in hit]
         for req in hit:
