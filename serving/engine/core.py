@@ -112,7 +112,7 @@ class EngineCore:
         self.pool = KVPool(
             num_slots, self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
             self.dtype, self.device, self.max_running, self.context_len,
-            zeroed=self.device.type == "cpu" and not args.disable_overlap_schedule and self.kind == GENERATION,
+            zeroed=self.device.type == "cpu" and self._overlaps(),
         )  # fmt: skip
         log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
         self.eos_ids = set(self.cfg.eos_token_ids)
@@ -153,13 +153,15 @@ class EngineCore:
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
         self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization, dummy_seed)
-        # Pooled models finish in the step that computes them: nothing to overlap.
-        overlap = not args.disable_overlap_schedule and self.kind == GENERATION
-        self.overlap = OverlapWorker(self.runner, self.eos_ids, self.max_running) if overlap else None
+        self.overlap = OverlapWorker(self.runner, self.eos_ids, self.max_running) if self._overlaps() else None
         self.inflight: InFlight | None = None  # the launched step whose tokens the host has not read
         self._held: list[TokenOutput] = []  # outputs of a step finished outside step(), sent by the next one
         self.paused = False
         self._generated: deque[tuple[float, int]] = deque()  # (time, output tokens) per step, for gen_throughput
+
+    def _overlaps(self) -> bool:
+        # Pooled models finish in the step that computes them: nothing to overlap.
+        return self.args.enable_overlap_schedule and not self.args.disable_overlap_schedule and self.kind == GENERATION
 
     def _pooling_config(self) -> PoolingConfig:
         default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)

@@ -1,5 +1,5 @@
 """Overlapped steps change no token: SmolLM2 in float32 gives the same outputs with and without
---disable-overlap-schedule, through stop rules, chunked prefill, retraction, aborts and seeded sampling."""
+--enable-overlap-schedule, through stop rules, chunked prefill, retraction, aborts and seeded sampling."""
 
 import pytest
 
@@ -14,7 +14,7 @@ NEW = [1, 9, 14, 5, 12]
 
 
 def engine(overlap: bool, **kw) -> EngineCore:
-    args = ServerArgs(dtype="float32", disable_compile=True, max_running_requests=6, disable_overlap_schedule=not overlap, **kw)
+    args = ServerArgs(dtype="float32", disable_compile=True, max_running_requests=6, enable_overlap_schedule=overlap, **kw)
     return EngineCore(args)
 
 
