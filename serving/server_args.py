@@ -38,6 +38,8 @@ class ServerArgs:
     max_running_requests: int | None = _opt(None, "requests decoding at once; more wait in a queue (default 64 on CPU, 256 on CUDA)")
     chunked_prefill_size: int | None = _opt(None, "tokens per step; longer prompts are split across steps; -1 disables (default: the profile's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the KV of shared prefixes across requests")
+    enable_overlap_schedule: bool = _opt(False, "overlap each step's forward with planning the next and processing the last (off by default: not faster on CPU yet)")
+    disable_overlap_schedule: bool = _opt(False, "plan and process each step only after its forward (SGLang's flag; wins over --enable-overlap-schedule)")
     schedule_policy: str = _opt("fcfs", "order of admission: fcfs, or lpm (longest cached prefix first)", choices=["fcfs", "lpm"])
     schedule_conservativeness: float = _opt(1.0, "scales the output tokens reserved at admission (higher: fewer retractions)")
     random_seed: int = _opt(0, "seed for requests without sampling_seed, and for --load-format dummy's weights")

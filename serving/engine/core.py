@@ -31,6 +31,7 @@ from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.engine.logprobs import record_input_logprobs, record_logprobs
 from kiln.serving.engine.model_runner import ModelRunner
 from kiln.serving.engine.output import token_output
+from kiln.serving.engine.overlap import InFlight, OverlapWorker
 from kiln.serving.engine.radix_cache import RadixCache
 from kiln.serving.engine.request import Req
 from kiln.serving.engine.sampler import apply_penalties, sample
@@ -111,6 +112,7 @@ class EngineCore:
         self.pool = KVPool(
             num_slots, self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
             self.dtype, self.device, self.max_running, self.context_len,
+            zeroed=self.device.type == "cpu" and self._overlaps(),
         )  # fmt: skip
         log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
         self.eos_ids = set(self.cfg.eos_token_ids)
@@ -151,8 +153,15 @@ class EngineCore:
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
         self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization, dummy_seed)
+        self.overlap = OverlapWorker(self.runner, self.eos_ids, self.max_running) if self._overlaps() else None
+        self.inflight: InFlight | None = None  # the launched step whose tokens the host has not read
+        self._held: list[TokenOutput] = []  # outputs of a step finished outside step(), sent by the next one
         self.paused = False
         self._generated: deque[tuple[float, int]] = deque()  # (time, output tokens) per step, for gen_throughput
+
+    def _overlaps(self) -> bool:
+        # Pooled models finish in the step that computes them: nothing to overlap.
+        return self.args.enable_overlap_schedule and not self.args.disable_overlap_schedule and self.kind == GENERATION
 
     def _pooling_config(self) -> PoolingConfig:
         default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)
@@ -249,11 +258,12 @@ class EngineCore:
         return outputs
 
     def flush_cache(self) -> bool:
+        self._held += self._drain()
         return self.scheduler.flush_cache()
 
     def pause(self, mode: PauseMode) -> list[TokenOutput]:
         """Stops stepping; `abort` ends every request, `retract` frees the running ones' K/V, `in_place` keeps it."""
-        outputs = self.abort("") if mode == "abort" else []
+        outputs = self.abort("") if mode == "abort" else self._drain()
         if mode == "retract":
             self.scheduler.retract_all()
         self.paused = True
@@ -265,6 +275,7 @@ class EngineCore:
     def update_weights(self, msg: UpdateWeights) -> ControlReply:
         """Copies a checkpoint into the served parameters. Requests still running (paused in place) are
         retracted, and the cache flushed, since their K/V came from the old weights."""
+        self._held += self._drain()
         ok, message = self.weights.update(msg.model_path, msg.load_format)
         if ok:
             self.checkpoint = self.weights.checkpoint
@@ -285,25 +296,105 @@ class EngineCore:
         return ControlReply(True)
 
     def abort(self, rid: str, message: str | None = None) -> list[TokenOutput]:
+        # The step in flight first, so that no aborted request keeps a placeholder; its outputs for the aborted
+        # requests go before their abort, the others wait for the next step.
+        self._held += self._drain()
+        outputs = [o for o in self._held if not rid or o.rid == rid]
+        self._held = [o for o in self._held if rid and o.rid != rid]
         hit = [r for r, _ in self.compiling if not rid or r.rid == rid]
         self.compiling = [(r, f) for r, f in self.compiling if r not in hit]
         for req in hit:
             req.finish_reason = FinishAbort(message or "Abort before prefill")
-        return [token_output(r) for r in hit + self.scheduler.abort(rid, message)]
+        return outputs + [token_output(r) for r in hit + self.scheduler.abort(rid, message)]
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self.compiling)
+        return self.scheduler.has_work or bool(self.compiling) or self.inflight is not None or bool(self._held)
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
-        """Schedule, run, sample, process outputs; finished requests are released by the scheduler."""
-        outputs = self._admit_compiled()
+        """Schedule, run, sample, process outputs; finished requests are released by the scheduler.
+
+        With overlap, the step scheduled here is launched on the worker, and the previous one's tokens are
+        processed while it runs; a step that cannot overlap first waits for the one in flight."""
+        outputs, self._held = self._held + self._admit_compiled(), []
+        if self.inflight is not None and self.scheduler.must_retract():
+            outputs += self._drain()  # a retracted request keeps its tokens: they must be known
         batch = self.scheduler.schedule()
         if batch is None:
-            return outputs
+            return outputs + self._drain()
         if self.kind != GENERATION:
             return outputs + self._pooled_step(batch)
+        if self.overlap is None or not self._can_overlap(batch):
+            outputs += self._drain()
+            return outputs + self._sync_step(_without_finished(batch))
+        previous, self.inflight = self.inflight, self.overlap.launch(batch, self.scheduler)
+        return outputs + (self._finish(previous) if previous else [])
+
+    def _can_overlap(self, batch: ScheduledBatch) -> bool:
+        """Whether the batch may run before the previous step's tokens are on the host. Not when a row needs
+        them or needs the host during sampling: a grammar (the next mask needs this token accepted),
+        repetition, frequency or presence penalties (they count the tokens' values), prompt logprobs (scored
+        on the host per chunk), max_new_tokens = 0 (it ends without a token, so the next step has nothing to
+        feed), and logit_bias (checked on the host while sampling: a bad one must end its request alone)."""
+        for req, ids in zip(batch.reqs, batch.extends):
+            p = req.params
+            if req.grammar is not None or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+                return False
+            if p.logit_bias or p.max_new_tokens == 0:
+                return False
+            lo, hi = req.input_rows(len(ids))
+            if hi > lo:
+                return False
+        return True
+
+    def _drain(self) -> list[TokenOutput]:
+        """Waits for the step in flight and processes its tokens."""
+        inflight, self.inflight = self.inflight, None
+        return self._finish(inflight) if inflight else []
+
+    def _finish(self, step: InFlight) -> list[TokenOutput]:
+        """Reads an overlapped step's tokens: each replaces its placeholder and the finish rules run. A request
+        found finished here had a token computed for it by the step launched since: that token is dropped."""
+        try:
+            ids, logprobs = step.result.result()
+            tokens = ids.tolist()
+        except Exception as exc:
+            return self._overlap_failed(exc)
+        outputs = []
+        for j, (req, at) in enumerate(zip(step.reqs, step.at)):
+            if req.finished:
+                continue
+            later = req.output_ids[at + 1 :]  # the placeholder of the step in flight, if it has one
+            del req.output_ids[at:]
+            self.scheduler.record(req, tokens[j])
+            if logprobs is not None and req.logprob:
+                self._per_request(req, record_logprobs, req, logprobs[j], tokens[j])
+            outputs.append(token_output(req))
+            if not req.finished:
+                req.output_ids += later
+        self._generated.append((time.monotonic(), len(step.reqs)))
+        return outputs
+
+    def _overlap_failed(self, exc: Exception) -> list[TokenOutput]:
+        """A failed forward or sampling. The steps launched after it read its placeholders, and its prompt
+        chunks entered the cache at launch: every running request ends and the cache is emptied."""
+        log.error("forward failed: %s", traceback.format_exc())
+        if self.inflight is not None:
+            self.inflight.result.exception()  # let the step in flight end before its requests are released
+            self.inflight = None
+        running = list(self.scheduler.running)
+        for req in running:
+            known = next((i for i, t in enumerate(req.output_ids) if t < 0), len(req.output_ids))
+            del req.output_ids[known:]
+        outputs = self._fail(running, FinishAbort(f"engine error: {type(exc).__name__}: {exc}"))
+        self.scheduler.reset_cache()
+        return outputs
+
+    def _sync_step(self, batch: ScheduledBatch) -> list[TokenOutput]:
+        """Runs the batch and processes its tokens before returning."""
+        if not batch.reqs:
+            return []
         # Rows still mid-prefill have no next token to sample.
         ready = [i for i, (r, ids) in enumerate(zip(batch.reqs, batch.extends)) if r.kv_len + len(ids) == r.num_tokens]
         mask = self.masks.start([batch.reqs[i] for i in ready])
@@ -315,7 +406,7 @@ class EngineCore:
             log.error("forward failed: %s", traceback.format_exc())
             if mask is not None:
                 mask.result()  # the matchers must be idle before the requests are dropped
-            return outputs + self._fail(batch.reqs, FinishAbort(f"engine error: {type(exc).__name__}: {exc}"))
+            return self._fail(batch.reqs, FinishAbort(f"engine error: {type(exc).__name__}: {exc}"))
         for i, rows in prompt_logits.items():
             self._per_request(batch.reqs[i], record_input_logprobs, batch.reqs[i], torch.log_softmax(rows, dim=-1), len(batch.extends[i]))
         next_ids = [-1] * len(batch.reqs)
@@ -327,7 +418,7 @@ class EngineCore:
             req = batch.reqs[i]
             if logprobs is not None and req.logprob and len(req.output_ids) > before[i]:
                 self._per_request(req, record_logprobs, req, logprobs[j], next_ids[i])
-        return outputs + [token_output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
+        return [token_output(r) for r in batch.reqs if r.kv_len == r.num_tokens - 1 or r.finished]
 
     def _sample(self, logits: torch.Tensor, ready: list[int], reqs: list[Req], mask: Any, next_ids: list[int]) -> torch.Tensor | None:
         """Fills next_ids[ready]; returns the rows' logprobs when a request asked for them.
@@ -385,3 +476,11 @@ class EngineCore:
         for out, row in zip(outputs, vectors.tolist()):
             out.embedding = row
         return outputs
+
+
+def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:
+    """A batch planned while a step was in flight, once that step's tokens are known: requests that step
+    finished are gone (their slots already freed), and the others' placeholders become the tokens."""
+    reqs = [r for r in batch.reqs if not r.finished]
+    extends = [r.ids_between(r.kv_len, r.kv_len + len(ids)) for r, ids in zip(batch.reqs, batch.extends) if not r.finished]
+    return ScheduledBatch(reqs, extends)

@@ -24,13 +24,18 @@ class KVPool:
         device: torch.device,
         max_requests: int,
         max_context: int,
+        zeroed: bool = False,
     ):
         shape = (num_layers, num_slots + 1, kv_heads, head_dim)
         # Left uninitialised (zeroing a large pool takes seconds): every slot a
         # request table names is written in the step that allocates it, and
         # unwritten table entries name slot 0, the one slot zeroed here.
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # `zeroed` for overlapped steps: the CPU decode kernel reads (and masks) table entries past a row's
+        # length, which the host may fill with the next step's new slot while a step runs, and a mask does not
+        # cancel a NaN that uninitialised memory may hold.
+        new = torch.zeros if zeroed else torch.empty
+        self.k = new(shape, dtype=dtype, device=device)
+        self.v = new(shape, dtype=dtype, device=device)
         self.k[:, 0].zero_()
         self.v[:, 0].zero_()
         self.req_to_token = torch.zeros(max_requests, max_context, dtype=torch.int32, device=device)

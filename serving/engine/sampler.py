@@ -13,10 +13,12 @@ from kiln.serving.engine.request import Req
 from kiln.serving.sampling_params import SamplingParams
 
 
-def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
+def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int], generated: list[int] | None = None) -> None:
     """In place: logit_bias, the repetition penalty (over prompt and output), frequency and presence penalties
-    (over the output), then min_new_tokens' ban of stop tokens."""
+    (over the output), then min_new_tokens' ban of stop tokens. `generated`: each row's count of output tokens
+    (default: len(output_ids)), given when the requests move on while this runs (overlapped steps)."""
     params = [r.params for r in reqs]
+    generated = [len(r.output_ids) for r in reqs] if generated is None else generated
     vocab, device = logits.shape[-1], logits.device
     bias = [(i, int(tok), b) for i, p in enumerate(params) for tok, b in (p.logit_bias or {}).items()]
     if bias:
@@ -38,7 +40,7 @@ def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
     banned = [
         (i, t)
         for i, r in enumerate(reqs)
-        if len(r.output_ids) < r.params.min_new_tokens
+        if generated[i] < r.params.min_new_tokens
         # Stop ids outside the vocabulary are accepted (as SGLang) and can never be sampled anyway.
         for t in r.stop_ids | (set() if r.params.ignore_eos else eos_ids)
         if 0 <= t < vocab
@@ -49,12 +51,18 @@ def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
 
 
 def sample(logits: Tensor, reqs: list[Req]) -> list[int]:
+    """sample_ids, read back to the host."""
+    return sample_ids(logits, reqs).tolist()
+
+
+def sample_ids(logits: Tensor, reqs: list[Req], generated: list[int] | None = None) -> Tensor:
     """logits: [B, V] float32 after penalties. Greedy rows take the argmax; the others draw from their tempered,
-    filtered distribution with noise made from their seed and their count of generated tokens."""
+    filtered distribution with noise made from their seed and their count of generated tokens (`generated`,
+    default len(output_ids)). The ids stay on the logits' device."""
     out = logits.argmax(dim=-1)
     drawn = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if not drawn:
-        return out.tolist()
+        return out
     device = logits.device
     sub = [reqs[i] for i in drawn]
     params = [r.params for r in sub]
@@ -63,10 +71,11 @@ def sample(logits: Tensor, reqs: list[Req]) -> list[int]:
     if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
         probs = _filter(probs, params)
     seeds = torch.tensor([r.seed for r in sub], dtype=torch.int64, device=device)
-    steps = torch.tensor([len(r.output_ids) for r in sub], dtype=torch.int64, device=device)
+    counts = [len(r.output_ids) for r in reqs] if generated is None else generated
+    steps = torch.tensor([counts[i] for i in drawn], dtype=torch.int64, device=device)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
     out[rows] = (probs / exponential_noise(seeds, steps, probs.shape[-1])).argmax(dim=-1)
-    return out.tolist()
+    return out
 
 
 def _column(values: list[float], like: Tensor) -> Tensor:

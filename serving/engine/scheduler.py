@@ -80,14 +80,24 @@ class Scheduler:
         output_left = req.params.max_new_tokens - len(req.output_ids)
         return req.num_tokens - req.kv_len + math.ceil(output_left * self.new_token_ratio)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def _plan_running(self) -> tuple[list[tuple[Req, int]], int]:
+        """The running requests' tokens for the next step, and the budget they leave."""
         budget = self.chunk_size
         plan: list[tuple[Req, int]] = []
-        for req in list(self.running):
+        for req in self.running:
             n = _chunk(req.num_tokens - req.kv_len, budget) if req.prefilling else 1
             if n > 0:
                 plan.append((req, n))
                 budget -= n
+        return plan, budget
+
+    def must_retract(self) -> bool:
+        """Whether the next schedule() will retract a request for lack of room."""
+        plan, _ = self._plan_running()
+        return len(plan) > 1 and sum(n for _, n in plan) > self.available()
+
+    def schedule(self) -> ScheduledBatch | None:
+        plan, budget = self._plan_running()
         plan = self._retract_until_fits(plan)
         self._admit(plan, budget)
         if not plan:
@@ -163,22 +173,32 @@ class Scheduler:
         for req, ids, tok in zip(batch.reqs, batch.extends, next_ids):
             if req.row < 0:
                 continue  # ended during this step (`fail`): already released
-            req.kv_len += len(ids)
-            if len(ids) > 1:
-                # After each prefill chunk the computed prefix goes into the cache, so that a chunked
-                # prompt and requests arriving with the same prompt (n > 1) reuse it from the next step.
-                self._cache_progress(req)
-            if req.kv_len < req.num_tokens:
-                continue  # a chunk of a longer prefill: no token yet
-            if req.params.max_new_tokens == 0:
-                req.finish_reason = FinishLength(0)
-            else:
-                req.append_output(tok)
-                req.check_finished(self.eos_ids, self.context_len, self.decode)
-            if req.finished:
-                self._release(req)
+            if self.advance(req, len(ids)) and self.record(req, tok):
                 done.append(req)
         return done
+
+    def advance(self, req: Req, n: int) -> bool:
+        """Counts n more tokens of req as computed; True when the step samples a token for it.
+
+        An overlapped step calls this when the step is launched: its K/V are then written before any later
+        step reads them, since steps run in order."""
+        req.kv_len += n
+        if n > 1:
+            # After each prefill chunk the computed prefix goes into the cache, so that a chunked
+            # prompt and requests arriving with the same prompt (n > 1) reuse it from the next step.
+            self._cache_progress(req)
+        return req.kv_len >= req.num_tokens  # otherwise a chunk of a longer prefill: no token yet
+
+    def record(self, req: Req, tok: int) -> bool:
+        """Appends a sampled token and applies the finish rules; True when req finished (and is released)."""
+        if req.params.max_new_tokens == 0:
+            req.finish_reason = FinishLength(0)
+        else:
+            req.append_output(tok)
+            req.check_finished(self.eos_ids, self.context_len, self.decode)
+        if req.finished:
+            self._release(req)
+        return req.finished
 
     def abort(self, rid: str, message: str | None = None) -> list[Req]:
         """Finishes matching requests (every request for rid == "") with an abort reason."""
@@ -236,6 +256,10 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         self.running.remove(req)
+        if req.output_ids:
+            # A finish found one step late (overlapped steps) comes after its last token was fed to the next
+            # step: that K/V is dropped, so the cache holds what the synchronous path computes.
+            req.kv_len = min(req.kv_len, req.num_tokens - 1)
         if self.cache:
             self._insert(req)
             self.cache.dec_lock(req.prefix_node)
