@@ -67,12 +67,12 @@ def warm(argv: list[str]) -> int:
 
 BENCHMARKS = {
     "serve": "kiln.bench.serve", "offline": "kiln.bench.offline", "one-batch": "kiln.bench.one_batch",
-    "startup": "kiln.bench.startup", "moe": "kiln.bench.moe",
+    "startup": "kiln.bench.startup", "moe": "kiln.bench.moe", "cpu-attention": "kiln.bench.cpu_attention",
 }  # fmt: skip
 
 
 def bench(argv: list[str]) -> int:
-    """`kiln bench serve|offline|one-batch|startup|moe ...`: runs that benchmark's main with the rest of the arguments."""
+    """`kiln bench serve|offline|one-batch|startup|moe|cpu-attention ...`: runs that benchmark's main with the rest of the arguments."""
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: kiln bench {{{','.join(BENCHMARKS)}}} [--help | options]", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command",
         choices=["serve", "warm", "bench"],
-        help="serve: start the HTTP server; warm: fill the compile cache and exit; bench: serve|offline|one-batch|startup|moe benchmarks (kiln <command> --help)",
+        help="serve: start the HTTP server; warm: fill the compile cache and exit; bench: serve|offline|one-batch|startup|moe|cpu-attention benchmarks (kiln <command> --help)",
     )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
