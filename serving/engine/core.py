@@ -172,7 +172,7 @@ class EngineCore:
         key = cache_key({**self.cfg.raw, "kiln_quantization": self.quantization}, self.dtype, self.device, profile)
         cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile") / key
         use_cache_dir(cache)
-        compiled = CompiledModel(self.model, profile, cuda_graphs=not self.args.disable_cuda_graph)
+        compiled = CompiledModel(self.model, profile, cuda_graphs=not self.args.disable_cuda_graph, trace_dir=cache)
         log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
         compiled.warm_up((self.pool.k, self.pool.v), self.pool.req_to_token)
         return compiled
