@@ -2,12 +2,13 @@
 
     kiln bench dp-routing [--groups 8] [--prompts-per-group 8] [--system-prompt-len 256] [--concurrency 16]
 
-Serves the default model with --dp-size 1, then 2 (eager, float32), and sends both the same requests: groups of
-prompts sharing a system prompt, each with its own question, shuffled (SGLang's generated-shared-prefix
-shape), at most --concurrency in flight. The hit rate is sum(cached_tokens) / sum(prompt_tokens) from the
-responses. One engine is the ceiling: each system prompt is computed once. A router blind to prefixes
-would spread every group over both engines and compute each system prompt twice; the line "prefix-blind"
-gives that rate, computed rather than measured.
+Serves the default model (eager, float32) three times: --dp-size 1, --dp-size 2 routing by prefix
+(cache_aware, the default), and --dp-size 2 routing by load alone (shortest_queue). Each gets the same
+requests: groups of prompts sharing a system prompt, each with its own question, shuffled (SGLang's
+generated-shared-prefix shape), at most --concurrency in flight. The hit rate is sum(cached_tokens) /
+sum(prompt_tokens) from the responses; "in trees" sums the engines' radix cache sizes afterwards, which
+grows by a system prompt each time a second engine computes it. One engine is the reference: each system
+prompt is held once (prompts of a group that arrive together may each compute it, whatever the routing).
 """
 
 import argparse
@@ -43,14 +44,18 @@ async def drive(url: str, requests: list[BenchRequest], concurrency: int) -> tup
         return list(metas), time.perf_counter() - start
 
 
-def measure(dp_size: int, flags: list[str], requests: list[BenchRequest], concurrency: int) -> dict[str, Any]:
-    server = launch_kiln([*flags, "--dp-size", str(dp_size)])
+def measure(flags: list[str], requests: list[BenchRequest], concurrency: int) -> dict[str, Any]:
+    server = launch_kiln(flags)
     try:
         metas, wall = asyncio.run(drive(server.url, requests, concurrency))
+        states = httpx.get(server.url + "/get_server_info", trust_env=False).json()["internal_states"]
     finally:
         server.stop()
     cached, prompt = sum(m["cached_tokens"] for m in metas), sum(m["prompt_tokens"] for m in metas)
-    return {"cached_tokens": cached, "prompt_tokens": prompt, "hit_rate": round(cached / prompt, 4), "wall_s": round(wall, 2)}
+    return {
+        "cached_tokens": cached, "prompt_tokens": prompt, "hit_rate": round(cached / prompt, 4), "wall_s": round(wall, 2),
+        "tokens_in_trees": [s["cached_tokens_in_tree"] for s in states],
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "source": source_version(),
         "workload": {k: v for k, v in vars(args).items() if k != "out"},
     }  # fmt: skip
-    for dp_size in (1, 2):
-        result[f"dp{dp_size}"] = measure(dp_size, flags, requests, args.concurrency)
-    total = result["dp1"]["prompt_tokens"]
-    # each engine computes a group's system prompt once: every prompt after the first two of its group can hit it
-    reusable = args.groups * max(0, args.prompts_per_group - 2) * args.system_prompt_len
-    result["prefix_blind_hit_rate"] = round(reusable / total, 4)
-    for name in ("dp1", "dp2"):
-        r = result[name]
-        print(f"{name}: hit rate {r['hit_rate']:.1%} ({r['cached_tokens']} of {r['prompt_tokens']} prompt tokens cached), {r['wall_s']:.1f}s")
-    print(f"prefix-blind routing at dp2 (each system prompt computed on both engines): at most {result['prefix_blind_hit_rate']:.1%}")
+    runs = {
+        "dp1": ["--dp-size", "1"],
+        "dp2_cache_aware": ["--dp-size", "2", "--load-balance-method", "cache_aware"],
+        "dp2_shortest_queue": ["--dp-size", "2", "--load-balance-method", "shortest_queue"],
+    }
+    for name, extra in runs.items():
+        r = result[name] = measure([*flags, *extra], requests, args.concurrency)
+        print(
+            f"{name:>18}: hit rate {r['hit_rate']:.1%} ({r['cached_tokens']} of {r['prompt_tokens']} prompt tokens cached), "
+            f"in trees {sum(r['tokens_in_trees'])} {r['tokens_in_trees']}, {r['wall_s']:.1f}s"
+        )  # fmt: skip
     write_result(result, "dp_routing.json", args.out)
     return 0
 

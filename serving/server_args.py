@@ -36,6 +36,10 @@ class ServerArgs:
     max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static)")
     mem_fraction_static: float | None = _opt(None, "share of device memory for weights plus KV pool (default 0.85 on CUDA, 0.3 on CPU)")
     dp_size: int = _opt(1, "data parallelism: engine processes, each with its own model and KV pool, behind the one HTTP server")
+    load_balance_method: str = _opt(
+        "cache_aware", "with --dp-size > 1, where a prompt goes: cache_aware (the engine sent its longest prefix, else the least loaded) "
+        "or shortest_queue (the engine with the fewest requests in flight)", choices=["cache_aware", "shortest_queue"],
+    )  # fmt: skip
     max_running_requests: int | None = _opt(None, "requests decoding at once; more wait in a queue (default 64 on CPU, 256 on CUDA)")
     chunked_prefill_size: int | None = _opt(None, "tokens per step; longer prompts are split across steps; -1 disables (default: the profile's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the KV of shared prefixes across requests")

@@ -21,9 +21,9 @@ def _first_failure(replies: list[ControlReply]) -> ControlReply:
 class EngineGroup:
     """Starts every engine at once; routes each prompt to one engine and sends control messages to all.
 
-    Each prompt goes where the router says (dp_router.PrefixRouter), every sample of it with it, and the
-    group remembers which engine holds each request id until its request closes: outputs, aborts and the
-    duplicate-id check follow that. Flushes, pauses, weight updates and expert recording reach every engine.
+    Each prompt goes where the router says (dp_router.PrefixRouter; by load alone with --load-balance-method
+    shortest_queue), every sample of it with it, and the group remembers which engine holds each request id
+    until its request closes: outputs, aborts and the duplicate-id check follow that. Flushes, pauses, weight updates and expert recording reach every engine.
     With one engine nothing is routed. When any engine dies, the requests in flight on the others end with
     the same 503 and `on_death` is called (the server exits).
     """
@@ -37,6 +37,7 @@ class EngineGroup:
             raise
         self.info: EngineInfo = infos[0]
         self.router = PrefixRouter(len(self.engines), self.info.limits.max_total_tokens)
+        self._by_prefix = args.load_balance_method == "cache_aware"
         self._owner: dict[str, EngineClient] = {}
         self.on_death: Callable[[], None] | None = None
         self._died = False
@@ -71,7 +72,7 @@ class EngineGroup:
         for ids in prompts:
             key = tuple(ids)
             if key not in chosen:
-                blocks = self.router.block_keys(ids)
+                blocks = self.router.block_keys(ids) if self._by_prefix else []  # no blocks: the least loaded
                 chosen[key] = self.router.route(blocks, loads)
                 self.router.record(chosen[key], blocks)
             loads[chosen[key]] += 1

@@ -1,4 +1,4 @@
-"""ServerArgs from the command line: `--dp-size`'s default and its bound."""
+"""ServerArgs from the command line: the data-parallel flags' defaults and bounds."""
 
 import pytest
 
@@ -18,3 +18,10 @@ def test_dp_size_below_one_is_a_usage_error(value: str, capsys: pytest.CaptureFi
     assert f"--dp-size must be at least 1 (got {value})" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--dp-size must be at least 1"):
         ServerArgs(dp_size=int(value))
+
+
+def test_load_balance_method_defaults_to_cache_aware():
+    assert ServerArgs.from_cli([]).load_balance_method == "cache_aware"
+    assert ServerArgs.from_cli(["--load-balance-method", "shortest_queue"]).load_balance_method == "shortest_queue"
+    with pytest.raises(SystemExit):
+        ServerArgs.from_cli(["--load-balance-method", "round_robin"])
