@@ -22,7 +22,7 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.args = ServerArgs(**kwargs)
-        self._client = EngineGroup(self.args)
+        self._client = EngineGroup.start(self.args)
         info = self._client.info
         tokenizer = load_tokenizer(self.args.tokenizer_path or info.checkpoint)
         validator = Validator.for_tokenizer(info.limits, self.args.max_n, tokenizer)

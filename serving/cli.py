@@ -23,7 +23,7 @@ def serve(argv: list[str]) -> int:
     from kiln.serving.api.server import KilnServer, protocol_with_timeout
 
     try:
-        engine = EngineGroup(args)
+        engine = EngineGroup.start(args)
     except EngineStartError as exc:
         log.error("could not start: %s", exc)
         return 1

@@ -28,14 +28,22 @@ class EngineGroup:
     the same 503 and `on_death` is called (the server exits).
     """
 
-    def __init__(self, args: ServerArgs):
-        self.engines = [EngineClient(args, rank) for rank in range(args.dp_size)]
+    @classmethod
+    def start(cls, args: ServerArgs) -> "EngineGroup":
+        """Starts `--dp-size` engine processes together and returns once all are ready (EngineStartError if one is not)."""
+        engines = [EngineClient(args, rank) for rank in range(args.dp_size)]
         try:
-            infos = [engine.wait_ready() for engine in self.engines]
+            for engine in engines:
+                engine.wait_ready()
         except EngineStartError:
-            self.shutdown()
+            for engine in engines:
+                engine.shutdown()
             raise
-        self.info: EngineInfo = infos[0]
+        return cls(args, engines)
+
+    def __init__(self, args: ServerArgs, engines: list[EngineClient]):
+        self.engines = engines
+        self.info: EngineInfo = engines[0].info
         self.router = PrefixRouter(len(self.engines), self.info.limits.max_total_tokens)
         self._by_prefix = args.load_balance_method == "cache_aware"
         self._owner: dict[str, EngineClient] = {}
