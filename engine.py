@@ -5,7 +5,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.engine_group import EngineGroup
 from kiln.serving.api.schemas import GenerateReqInput
 from kiln.serving.api.tokenizer_manager import TokenizerManager
 from kiln.serving.api.validator import Validator
@@ -22,7 +22,7 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.args = ServerArgs(**kwargs)
-        self._client = EngineClient(self.args)
+        self._client = EngineGroup.start(self.args)
         info = self._client.info
         tokenizer = load_tokenizer(self.args.tokenizer_path or info.checkpoint)
         validator = Validator.for_tokenizer(info.limits, self.args.max_n, tokenizer)

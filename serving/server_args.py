@@ -35,6 +35,11 @@ class ServerArgs:
     context_length: int | None = _opt(None, "longest prompt plus output (default: the model's max_position_embeddings)")
     max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static)")
     mem_fraction_static: float | None = _opt(None, "share of device memory for weights plus KV pool (default 0.85 on CUDA, 0.3 on CPU)")
+    dp_size: int = _opt(1, "data parallelism: engine processes, each with its own model and KV pool, behind the one HTTP server")
+    load_balance_method: str = _opt(
+        "cache_aware", "with --dp-size > 1, where a prompt goes: cache_aware (the engine sent its longest prefix, else the least loaded) "
+        "or shortest_queue (the engine with the fewest requests in flight)", choices=["cache_aware", "shortest_queue"],
+    )  # fmt: skip
     max_running_requests: int | None = _opt(None, "requests decoding at once; more wait in a queue (default 64 on CPU, 256 on CUDA)")
     chunked_prefill_size: int | None = _opt(None, "tokens per step; longer prompts are split across steps; -1 disables (default: the profile's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the KV of shared prefixes across requests")
@@ -85,6 +90,10 @@ class ServerArgs:
         (), "web origins (e.g. https://app.example) whose pages may call this server; others get a 403 on every POST (default: none)"
     )
 
+    def __post_init__(self) -> None:
+        if self.dp_size < 1:
+            raise ValueError(f"--dp-size must be at least 1 (got {self.dp_size})")
+
     @classmethod
     def parser(cls, prog: str = "kiln serve", description: str | None = None) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,8 +113,12 @@ class ServerArgs:
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None, prog: str = "kiln serve", description: str | None = None) -> "ServerArgs":
-        ns = cls.parser(prog, description).parse_args(argv)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
+        parser = cls.parser(prog, description)
+        ns = parser.parse_args(argv)
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
+        except ValueError as exc:
+            parser.error(str(exc))
 
     def public_dict(self) -> dict[str, Any]:
         """What /get_server_info shows: every setting but the keys."""

@@ -104,7 +104,8 @@ class EngineCore:
         per_token = KVPool.bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype)
         num_slots = args.max_total_tokens
         if num_slots is None:
-            fraction = args.mem_fraction_static or (0.85 if self.device.type == "cuda" else 0.3)
+            # The --dp-size engines share this device's memory, and measured it free at the same time.
+            fraction = (args.mem_fraction_static or (0.85 if self.device.type == "cuda" else 0.3)) / args.dp_size
             num_slots = int((free_before * fraction - weights - self.graph_reserve) // per_token)
         if num_slots < 16:
             raise RuntimeError(f"KV pool would hold only {num_slots} tokens; raise --mem-fraction-static or --max-total-tokens")

@@ -30,12 +30,13 @@ from kiln.serving.server_args import ServerArgs
 log = logging.getLogger(__name__)
 
 
-def run_engine(args: ServerArgs, conn: Connection) -> None:
+def run_engine(args: ServerArgs, conn: Connection, dp_rank: int = 0) -> None:
     # The HTTP process decides when the engine stops (a SIGTERM to the process group must let it drain
     # first); the engine also ends when the HTTP process's end of the pipe closes.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s engine] %(message)s")
+    name = "engine" if args.dp_size == 1 else f"engine dp{dp_rank}"
+    logging.basicConfig(level=args.log_level.upper(), format=f"[%(asctime)s {name}] %(message)s")
     encode = msgspec.msgpack.Encoder().encode
     decode = msgspec.msgpack.Decoder(ToEngine).decode
     send = lambda msg: conn.send_bytes(encode(msg))  # noqa: E731
