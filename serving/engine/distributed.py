@@ -73,7 +73,7 @@ def join(args: ServerArgs, rank: int, store: dist.TCPStore, device: torch.device
     return TensorParallel(rank, args.tp_size, group)
 
 
-def spawn_local_ranks(args: ServerArgs, host: str, port: int, skip_first: bool) -> dict[int, subprocess.Popen]:
+def spawn_local_ranks(args: ServerArgs, host: str, port: int, device: torch.device, skip_first: bool) -> dict[int, subprocess.Popen]:
     """Starts this node's ranks (all but its first when `skip_first`: node 0's engine process is rank 0).
 
     Plain subprocesses, not multiprocessing: the engine process is a daemon, which multiprocessing forbids
@@ -84,7 +84,7 @@ def spawn_local_ranks(args: ServerArgs, host: str, port: int, skip_first: bool) 
     procs = {}
     for rank in range(first + int(skip_first), first + per_node):
         proc = subprocess.Popen([sys.executable, "-m", "kiln.serving.engine.tp_worker"], stdin=subprocess.PIPE, start_new_session=True)
-        proc.stdin.write(pickle.dumps((args, rank, host, port)))
+        proc.stdin.write(pickle.dumps((args, rank, host, port, device)))
         proc.stdin.close()
         log.info("started tensor-parallel rank %d (pid %d)", rank, proc.pid)
         procs[rank] = proc

@@ -11,6 +11,7 @@ import sys
 from multiprocessing.connection import wait
 from types import FrameType
 
+from kiln.serving.engine.device import resolve_device
 from kiln.serving.engine.distributed import ranks_per_node, rendezvous_address, spawn_local_ranks
 from kiln.serving.server_args import ServerArgs
 
@@ -25,7 +26,7 @@ def run_headless(args: ServerArgs) -> int:
     host, port = rendezvous_address(args)
     log.info("node %d of %d: %d tensor-parallel ranks, rendezvous at %s:%d", args.node_rank, args.nnodes, ranks_per_node(args), host, port)
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    procs = spawn_local_ranks(args, host, port, skip_first=False)
+    procs = spawn_local_ranks(args, host, port, resolve_device(args.device), skip_first=False)
     running = {os.pidfd_open(proc.pid): rank for rank, proc in procs.items()}
     try:
         while running:

@@ -24,10 +24,11 @@ class TensorParallelRanks:
     def start(cls, args: ServerArgs, dp_rank: int = 0) -> "TensorParallelRanks":
         """Rank 0: opens the rendezvous, starts this node's other ranks, and waits (--dist-timeout) for all of them."""
         host, port = rendezvous_address(args, dp_rank)
+        device = resolve_device(args.device)
         store = open_store(args, 0, host, port)
-        procs = spawn_local_ranks(args, host, store.port, skip_first=True)
+        procs = spawn_local_ranks(args, host, store.port, device, skip_first=True)
         try:
-            tp = join(args, 0, store, resolve_device(args.device))
+            tp = join(args, 0, store, device)
         except BaseException:
             for proc in procs.values():
                 proc.kill()

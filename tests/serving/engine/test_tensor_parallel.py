@@ -105,12 +105,11 @@ def test_two_nodes_on_loopback_serve_one_ranks_tokens(model, one_rank_tokens, la
             os.killpg(node1.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("node_rank", [0, 1])
-def test_a_rendezvous_nobody_reaches_fails_start_up_in_time(model, node_rank, tmp_path):
-    """Node 1 alone cannot reach node 0's address; node 0 alone waits for a rank that never comes."""
+def test_a_rendezvous_nobody_reaches_fails_start_up_in_time(model):
+    """Node 1 alone: nothing listens at node 0's address."""
     addr = f"127.0.0.1:{_free_port()}"
-    cmd = [KILN, "serve", "--model-path", str(model), "--port", str(_free_port()), "--tp-size", "2", "--nnodes", "2"]
-    cmd += ["--node-rank", str(node_rank), "--dist-init-addr", addr, "--dist-timeout", "3", *COMMON]
+    cmd = [KILN, "serve", "--model-path", str(model), "--tp-size", "2", "--nnodes", "2", "--node-rank", "1"]
+    cmd += ["--dist-init-addr", addr, "--dist-timeout", "3", *COMMON]
     t0 = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, start_new_session=True)
     assert result.returncode == 1, result.stderr
@@ -140,3 +139,26 @@ def test_a_rank_replays_rank_0s_table_writes():
     pools[1].apply_table_writes(pools[0].take_table_writes())
     assert torch.equal(pools[1].req_to_token, pools[0].req_to_token) and pools[0].req_to_token.any()
     assert pools[0].take_table_writes().numel() == 0
+
+
+def test_the_other_rank_computes_the_same_kv_as_rank_0(model, tmp_path):
+    """Both ranks' pools hold the same K/V at every slot the table names: the other rank rebuilt each step's
+    inputs and request table (cached prefixes, chunked prompts, prompt-logprob rows) as rank 0 had them."""
+    port = str(_free_port())
+    script = Path(__file__).with_name("tp_pair.py")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(rank), port, str(model), str(tmp_path / f"rank{rank}.pt")], start_new_session=True)
+        for rank in (0, 1)
+    ]
+    try:
+        assert [_wait_exit(p, 90) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert torch.equal(ranks[0]["table"], ranks[1]["table"])
+    slots = ranks[0]["table"].unique()
+    assert len(slots) > 40 and len(ranks[0]["tokens"]) == 4
+    for name in ("k", "v"):
+        assert torch.equal(ranks[0][name][:, slots], ranks[1][name][:, slots])
