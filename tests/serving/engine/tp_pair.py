@@ -16,16 +16,17 @@ from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
 
 PREFIX = list(range(3, 40))
+LONG = [3 + (7 * i) % 90 for i in range(600)]
 WAVES = [
-    [PREFIX + [50, 51], PREFIX[:20] + [60]],  # chunked (chunk 16) prefills
-    [PREFIX + [52, 53, 54], PREFIX[:30]],  # cached prefixes: the table rows start from the radix cache's slots
+    [PREFIX + [50, 51], PREFIX[:20] + [60], LONG],  # a chunked prefill (chunk 512), steps too long for one broadcast
+    [PREFIX + [52, 53, 54], PREFIX[:30], LONG[:400] + [1]],  # cached prefixes: table rows start from the radix cache's slots
 ]
 
 
 def main(rank: int, port: int, model: str, out: str) -> None:
     args = ServerArgs(
-        model_path=model, skip_tokenizer_init=True, dtype="float32", disable_compile=True, max_total_tokens=512,
-        max_running_requests=4, chunked_prefill_size=16, tp_size=2,
+        model_path=model, skip_tokenizer_init=True, dtype="float32", disable_compile=True, max_total_tokens=2048,
+        max_running_requests=4, chunked_prefill_size=512, tp_size=2,
     )  # fmt: skip
     channel = StepChannel(join(args, rank, open_store(args, rank, "127.0.0.1", port), torch.device("cpu")))
     tokens: dict[str, list[int]] = {}
