@@ -59,6 +59,9 @@ def join(args: ServerArgs, rank: int, store: dist.TCPStore, device: torch.device
     step messages (CPU tensors, step_channel.py) share it."""
     if device.type == "cuda":
         torch.cuda.set_device(rank % ranks_per_node(args))
+    else:
+        # Each rank computes its share of every layer at once with the others: its share of the cores, not all.
+        torch.set_num_threads(max(1, torch.get_num_threads() // ranks_per_node(args)))
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, store=store, rank=rank, world_size=args.tp_size, timeout=timedelta(seconds=args.dist_timeout))
