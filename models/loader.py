@@ -18,6 +18,7 @@ from kiln.models.quantize import quantize
 from kiln.models.registry import model_class
 from kiln.models.rope import RotaryEmbedding
 from kiln.models.weights import ModelNotFoundError, iter_weights
+from kiln.ops.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def read_config(folder: Path) -> ModelConfig:
 
 
 def load_model(
-    folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False, dummy_seed: int | None = None
+    folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False, dummy_seed: int | None = None,
+    tp: TensorParallel = TensorParallel(),
 ) -> nn.Module:
     """Builds the model for cfg and reads folder's weights into it; with dummy_seed, reads nothing and fills the
     weights at random from that seed instead (--load-format dummy)."""
@@ -158,7 +160,9 @@ def default_quantization(gguf: GGUFQ4_1 | None, dtype: str, device: torch.device
     return "int4wo-32" if gguf.tensors else "none"
 
 
-def quantize_model(model: nn.Module, cfg: ModelConfig, mode: str, dtype: torch.dtype, gguf: GGUFQ4_1 | None) -> dict[str, int]:
+def quantize_model(
+    model: nn.Module, cfg: ModelConfig, mode: str, dtype: torch.dtype, gguf: GGUFQ4_1 | None, tp: TensorParallel = TensorParallel()
+) -> dict[str, int]:
     """Applies --torchao-config to a loaded model: a GGUF's Q4_1 projections go in as they are for
     int4wo-32, the rest is quantized from the dense weights. Returns the layers per format."""
     formats: dict[str, int] = {}

@@ -12,9 +12,14 @@ log = logging.getLogger("kiln")
 
 
 def serve(argv: list[str]) -> int:
-    """Serves until SIGTERM (exit 0 after draining) or an engine's death (exit 1)."""
+    """Serves until SIGTERM (exit 0 after draining) or an engine's death (exit 1); a node other than 0
+    (--node-rank) runs its tensor-parallel ranks headless."""
     args = ServerArgs.from_cli(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    if args.node_rank > 0:
+        from kiln.serving.engine.headless import run_headless
+
+        return run_headless(args)
     import uvicorn
 
     from kiln.serving.api.app import create_app
