@@ -64,11 +64,7 @@ def create_app(args: ServerArgs, engine: EngineGroup) -> Litestar:
     # The engine decides (--skip-tokenizer-init, or a dummy model without tokenizer files); this side follows.
     tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint) if info.limits.has_tokenizer else None
     validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
-    model_path = args.model_path or info.checkpoint
-    served = ServedModel(
-        model_path, args.tokenizer_path or model_path, args.served_model_name or model_path, args.weight_version, info,
-        fixed_name=args.served_model_name is not None,
-    )  # fmt: skip
+    served = ServedModel.for_args(args, info)
     metrics = ServingMetrics(served.name, args.dp_size) if args.enable_metrics else None
     tm = TokenizerManager(engine, tokenizer, validator, served, metrics, args.incremental_streaming_output)
     ctx = ServingContext(args, engine, tm, OpenAIServing(tm), EmbeddingServing(tm, info.model_kind), metrics)
