@@ -239,7 +239,10 @@ class PiecewiseGraph(SerializableCallable):
 
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> "PiecewiseGraph":
-        return PiecewiseGraph(*GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv())))
+        split, inputs, decode_kinds = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+        for module in split.modules():
+            module.recompile()  # GraphPickler brings back graphs without the code that runs them
+        return PiecewiseGraph(split, inputs, decode_kinds)
 
 
 def _without_metadata(gm: fx.GraphModule) -> fx.GraphModule:

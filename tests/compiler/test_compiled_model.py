@@ -42,6 +42,18 @@ def engines(tmp_path_factory):
     return eager, compiled
 
 
+def test_a_warm_start_serves_from_the_saved_trace(engines):
+    """A second engine on the same cache folder loads Dynamo's trace and every piece instead of compiling,
+    and serves the same tokens."""
+    eager, compiled = engines
+    warm = EngineCore(compiled.args)
+    counters = warm.stats().compile
+    # (The cache counters are the process's, this test's cold engine included: test_warm_start.py checks them.)
+    assert counters["trace_loaded"] and counters["cpu_decode_kernels_loaded"] == 2
+    wave = [[("a", [5, 6, 7, 8], 5), ("b", list(range(1, 30)), 3)], [("c", [9], 4)]]
+    assert drive(warm, wave) == drive(eager, wave)
+
+
 def drive(core: EngineCore, arrivals: list[list[tuple[str, list[int], int]]]) -> dict[str, list[int]]:
     """Each inner list arrives before one engine step; runs until every request is done."""
     out: dict[str, list[int]] = {}
@@ -187,6 +199,18 @@ def moe_engines(tmp_path_factory):
     eager = EngineCore(ServerArgs(**common, disable_compile=True))
     compiled = EngineCore(ServerArgs(**common, profile=str(root / "profile.toml"), compile_cache_dir=str(root / "cache")))
     return eager, compiled
+
+
+def test_a_warm_start_serves_from_the_saved_trace(engines):
+    """A second engine on the same cache folder loads Dynamo's trace and every piece instead of compiling,
+    and serves the same tokens."""
+    eager, compiled = engines
+    warm = EngineCore(compiled.args)
+    counters = warm.stats().compile
+    # (The cache counters are the process's, this test's cold engine included: test_warm_start.py checks them.)
+    assert counters["trace_loaded"] and counters["cpu_decode_kernels_loaded"] == 2
+    wave = [[("a", [5, 6, 7, 8], 5), ("b", list(range(1, 30)), 3)], [("c", [9], 4)]]
+    assert drive(warm, wave) == drive(eager, wave)
 
 
 def expert_counts(core: EngineCore) -> list[list[int]]:
