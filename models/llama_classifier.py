@@ -11,6 +11,8 @@ from kiln.ops.linear import Linear
 class LlamaForSequenceClassification(LlamaForCausalLM):
     """The decoder with `score` in place of the LM head."""
 
+    tensor_parallel = False  # not tested sharded yet
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         del self.lm_head
