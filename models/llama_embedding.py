@@ -11,6 +11,8 @@ from kiln.models.llama import LlamaForCausalLM
 class LlamaEmbeddingModel(LlamaForCausalLM):
     """The decoder without its LM head; a checkpoint's lm_head, if any, is skipped."""
 
+    tensor_parallel = False  # not tested sharded yet
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         del self.lm_head
