@@ -4,8 +4,10 @@ two gloo ranks sharing the machine's cores, and the collectives' share.
     python -m kiln.bench.tp_overhead [--batch-sizes 1,8] [--context 64] [--steps 40]
 
 Each setting runs in fresh processes: one rank with 2 threads and with 1, two ranks with 1 thread each,
-and two ranks whose collectives are replaced by stand-ins of the same shapes that move nothing (wrong
-numbers, the same arithmetic): the gap between the last two is what the collectives cost. A step is one
+two ranks whose collectives are replaced by stand-ins of the same shapes that move nothing (wrong
+numbers, the same arithmetic; the gap to the real ones is what the collectives cost, waiting for the slower
+rank included), and a step's collectives alone (2 per layer + 1 all-reduces of [batch, hidden] and the
+all-gather of [batch, vocab / 2], no model). A step is one
 decode forward plus `compute_logits` for every request at `context` tokens; ranks start each step
 together (a barrier), and the median of `steps` steps is reported.
 """
@@ -24,6 +26,7 @@ from kiln.models import llama
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.ops import vocab_parallel
 from kiln.ops.attention import AttentionMetadata
+from kiln.ops.collectives import all_gather_columns, all_reduce
 from kiln.ops.tensor_parallel import TensorParallel
 
 
@@ -58,24 +61,42 @@ def step_seconds(tp: TensorParallel, batch: int, context: int, steps: int) -> fl
     return statistics.median(times[3:])
 
 
-def _rank(rank: int, size: int, init: str, threads: int, collectives: bool, args: argparse.Namespace, out: str) -> None:
+def collectives_seconds(tp: TensorParallel, batch: int, steps: int) -> float:
+    cfg = read_config(resolve_checkpoint(None, Path.home() / ".cache" / "kiln"))
+    x, logits = torch.randn(batch, cfg.hidden_size), torch.randn(batch, tp.vocab_rows(cfg.vocab_size))
+    times = []
+    for _ in range(steps + 3):
+        dist.barrier(tp.group)
+        t0 = time.perf_counter()
+        for _ in range(2 * cfg.num_hidden_layers + 1):
+            all_reduce(x, tp).sum()  # the sum waits for the collective
+        all_gather_columns(logits, tp)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:])
+
+
+def _rank(rank: int, size: int, init: str, threads: int, mode: str, args: argparse.Namespace, out: str) -> None:
+    """mode: "model" (decode steps), "stubbed" (decode steps, collectives stubbed) or "collectives" (those alone)."""
     torch.set_num_threads(threads)
     tp = TensorParallel()
     if size > 1:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=size)
         tp = TensorParallel(rank, size, dist.group.WORLD)
-    if not collectives:
-        _without_collectives()
-    result = {b: step_seconds(tp, b, args.context, args.steps) for b in args.batch_sizes}
+    if mode == "collectives":
+        result = {b: collectives_seconds(tp, b, args.steps) for b in args.batch_sizes}
+    else:
+        if mode == "stubbed":
+            _without_collectives()
+        result = {b: step_seconds(tp, b, args.context, args.steps) for b in args.batch_sizes}
     if rank == 0:
         torch.save(result, out)
     if size > 1:
         dist.destroy_process_group()
 
 
-def run(size: int, threads: int, collectives: bool, args: argparse.Namespace) -> dict[int, float]:
+def run(size: int, threads: int, mode: str, args: argparse.Namespace) -> dict[int, float]:
     folder = Path(tempfile.mkdtemp())
-    mp.spawn(_rank, args=(size, str(folder / "init"), threads, collectives, args, str(folder / "out")), nprocs=size)
+    mp.spawn(_rank, args=(size, str(folder / "init"), threads, mode, args, str(folder / "out")), nprocs=size)
     return torch.load(folder / "out")
 
 
@@ -86,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args(argv)
     settings = {
-        "TP=1, 2 threads": (1, 2, True),
-        "TP=1, 1 thread": (1, 1, True),
-        "TP=2, 1 thread each": (2, 1, True),
-        "TP=2, collectives stubbed": (2, 1, False),
+        "TP=1, 2 threads": (1, 2, "model"),
+        "TP=1, 1 thread": (1, 1, "model"),
+        "TP=2, 1 thread each": (2, 1, "model"),
+        "TP=2, collectives stubbed": (2, 1, "stubbed"),
+        "a step's collectives alone": (2, 1, "collectives"),
     }
     print(f"SmolLM2-135M float32 eager, decode at {args.context} tokens of context: ms per step (forward + logits)")
     for name, setting in settings.items():
