@@ -18,8 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from kiln.compiler.cache import use_cache_dir
 from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.profile import Profile
-from kiln.models.gguf_q4 import GGUFQ4_1
-from kiln.models.loader import load_model, quantize_model, read_config
+from kiln.models.loader import load_model, read_config
 from kiln.ops.attention import AttentionMetadata
 from kiln.ops.tensor_parallel import TensorParallel
 
@@ -51,7 +50,6 @@ class Case:
     prompts: list[list[int]]
     new_tokens: int
     dummy_seed: int | None = None
-    gguf: Path | None = None  # int4wo-32 straight from this GGUF's Q4_1 weights
     profile: str | None = None  # a TOML profile: run the piecewise-compiled model
     compile_cache: Path | None = None
 
@@ -67,8 +65,6 @@ def greedy(case: Case, tp: TensorParallel = TensorParallel()) -> Result:
     """Prefills every prompt in one batch, then decodes them together, taking the argmax of the full logits."""
     cfg = read_config(case.folder)
     model = load_model(case.folder, cfg, torch.float32, torch.device("cpu"), dummy_seed=case.dummy_seed, tp=tp)
-    if case.gguf is not None:
-        quantize_model(model, cfg, "int4wo-32", torch.float32, GGUFQ4_1(case.gguf), tp)
     n = len(case.prompts)
     shape = (cfg.num_hidden_layers, n * SLOTS_PER_REQUEST + 1, tp.local_kv_heads(cfg.num_key_value_heads), cfg.head_dim)
     kv = (torch.zeros(shape), torch.zeros(shape))
