@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2ForSequenceClassification
 
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.ops.tensor_parallel import TensorParallel
@@ -34,6 +34,8 @@ def cases(tmp_path_factory) -> dict[str, Case]:
         "qwen2-kv2": Case(kv2, TINY_PROMPTS, 12),
         "qwen2-kv1": Case(kv1, TINY_PROMPTS, 12),  # the KV head replicated on both ranks
         "dummy": Case(kv2, TINY_PROMPTS, 12, dummy_seed=7),
+        "embedding": Case(kv2, TINY_PROMPTS, 0, is_embedding=True),  # every prompt row's hidden state
+        "reward": Case(tiny_qwen2(root / "reward", 2, tied=False, head=Qwen2ForSequenceClassification), TINY_PROMPTS, 0),
     }
 
 
@@ -42,7 +44,7 @@ def ranks(cases, tmp_path_factory):
     return greedy_on_ranks(cases, 2, tmp_path_factory.mktemp("ranks"))
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen2-kv2", "qwen2-kv1", "dummy"])
+@pytest.mark.parametrize("name", ["smollm2", "qwen2-kv2", "qwen2-kv1", "dummy", "embedding", "reward"])
 def test_two_ranks_give_one_ranks_tokens(cases, ranks, name):
     one = greedy(cases[name])
     two = ranks[0][name]

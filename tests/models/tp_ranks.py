@@ -26,14 +26,14 @@ SLOTS_PER_REQUEST = 64
 TINY_PROMPTS = [[3, 17, 99, 5, 42, 7, 1, 64, 8, 126], [11, 12, 13, 120]]
 
 
-def tiny_qwen2(folder: Path, kv_heads: int, tied: bool, layers: int = 2) -> Path:
+def tiny_qwen2(folder: Path, kv_heads: int, tied: bool, layers: int = 2, head: type = Qwen2ForCausalLM) -> Path:
     """4 query heads, vocabulary 127 (the second rank's shard is padded), random q/k/v biases."""
     torch.manual_seed(kv_heads)
     cfg = Qwen2Config(
         vocab_size=127, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=kv_heads, max_position_embeddings=256, tie_word_embeddings=tied,
     )  # fmt: skip
-    hf = Qwen2ForCausalLM(cfg)
+    hf = head(cfg)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
@@ -50,6 +50,7 @@ class Case:
     prompts: list[list[int]]
     new_tokens: int
     dummy_seed: int | None = None
+    is_embedding: bool = False  # served for its hidden states (--is-embedding), or a reward model's scores
     profile: str | None = None  # a TOML profile: run the piecewise-compiled model
     compile_cache: Path | None = None
 
@@ -57,18 +58,19 @@ class Case:
 @dataclass
 class Result:
     tokens: list[list[int]]
-    logits: Tensor  # [steps, requests, vocab] float32
+    logits: Tensor  # [steps, requests, vocab] float32; for a pooled model, [1, prompt rows, hidden] or scores
     counters: dict[str, Any] = field(default_factory=dict)
 
 
 def greedy(case: Case, tp: TensorParallel = TensorParallel()) -> Result:
     """Prefills every prompt in one batch, then decodes them together, taking the argmax of the full logits."""
     cfg = read_config(case.folder)
-    model = load_model(case.folder, cfg, torch.float32, torch.device("cpu"), dummy_seed=case.dummy_seed, tp=tp)
+    model = load_model(case.folder, cfg, torch.float32, torch.device("cpu"), case.is_embedding, case.dummy_seed, tp)
     n = len(case.prompts)
     shape = (cfg.num_hidden_layers, n * SLOTS_PER_REQUEST + 1, tp.local_kv_heads(cfg.num_key_value_heads), cfg.head_dim)
     kv = (torch.zeros(shape), torch.zeros(shape))
     table = (torch.arange(n * SLOTS_PER_REQUEST, dtype=torch.int32) + 1).view(n, SLOTS_PER_REQUEST)
+    pooled = case.is_embedding or hasattr(model, "classify")
     forward = model
     if case.profile is not None:
         use_cache_dir(case.compile_cache)
@@ -82,10 +84,14 @@ def greedy(case: Case, tp: TensorParallel = TensorParallel()) -> Result:
         meta = AttentionMetadata.build(slots, table, list(range(n)), [s + k for s, k in zip(starts, news)], news)
         pos = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, news)])
         hidden = forward(torch.tensor(ids), pos, kv, meta)
+        if pooled:  # the prompts' hidden states, or a reward model's scores of them
+            return model.classify(hidden, news) if hasattr(model, "classify") else hidden
         return model.compute_logits(hidden[torch.tensor(news).cumsum(0) - 1])  # each request's last row
 
     lens = [len(p) for p in case.prompts]
     logits = [step(sum(case.prompts, []), [0] * n, lens)]
+    if pooled:
+        return Result([], logits[0][None])
     tokens = [[int(t)] for t in logits[-1].argmax(-1)]
     for _ in range(case.new_tokens - 1):
         logits.append(step([t[-1] for t in tokens], [ln + len(t) - 1 for ln, t in zip(lens, tokens)], [1] * n))
