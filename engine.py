@@ -5,8 +5,9 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.engine_group import EngineGroup
 from kiln.serving.api.schemas import GenerateReqInput
+from kiln.serving.api.served_model import ServedModel
 from kiln.serving.api.tokenizer_manager import TokenizerManager
 from kiln.serving.api.validator import Validator
 from kiln.serving.sampling_params import SamplingParams
@@ -22,11 +23,12 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.args = ServerArgs(**kwargs)
-        self._client = EngineClient(self.args)
+        self._client = EngineGroup.start(self.args)
         info = self._client.info
         tokenizer = load_tokenizer(self.args.tokenizer_path or info.checkpoint)
         validator = Validator.for_tokenizer(info.limits, self.args.max_n, tokenizer)
-        self.tokenizer_manager = TokenizerManager(self._client, tokenizer, validator, self.args.weight_version)
+        served = ServedModel.for_args(self.args, info)
+        self.tokenizer_manager = TokenizerManager(self._client, tokenizer, validator, served, None)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="kiln-engine-loop")
         self._thread.start()

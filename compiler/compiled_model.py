@@ -2,6 +2,7 @@
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,19 +11,29 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kiln.compiler.cuda_graphs import DecodeGraphs
-from kiln.compiler.piecewise import CompileStats, piecewise_backend
+from kiln.compiler.piecewise import CompileStats, PiecewiseGraph, piecewise_backend
 from kiln.compiler.profile import Profile, pick
 from kiln.ops.attention import AttentionMetadata
-from kiln.ops.attention_decode_cpu import warm_up_decode
+from kiln.ops.attention_decode_cpu import prepare_decode
 
 log = logging.getLogger(__name__)
 
 
-class CompiledModel:
-    """Calls like the model's forward; every call after warm-up reuses a compiled bucket."""
+# Dynamo's trace of the model, kept beside Inductor's pieces in the compile cache folder.
+TRACE_FILE = "dynamo-trace.bin"
 
-    def __init__(self, model: nn.Module, profile: Profile, cuda_graphs: bool = True):
+
+class CompiledModel:
+    """Calls like the model's forward; every call after warm-up reuses a compiled bucket.
+
+    The model is traced once per compile cache folder: torch.compile's aot_compile saves the trace (Dynamo's
+    bytecode and graph, cut into pieces) to `trace_dir`, and a later start loads it instead of tracing again.
+    The saved trace skips Dynamo's guards: the cache folder's key (compiler/cache.py) already covers what they
+    would check (model config, dtype, device, profile, Kiln's and torch's versions)."""
+
+    def __init__(self, model: nn.Module, profile: Profile, cuda_graphs: bool = True, trace_dir: Path | None = None):
         self.model = model
+        self.trace_file = None if trace_dir is None else trace_dir / TRACE_FILE
         self.use_cuda_graphs = cuda_graphs
         self.graphs: DecodeGraphs | None = None
         self.piece_graph_bytes = 0
@@ -30,8 +41,10 @@ class CompiledModel:
         self.stats = CompileStats()
         self.eager_fallbacks = 0
         self.warm_up_seconds = 0.0
+        self.trace_loaded = False
+        self.decode_kernels_loaded = 0
         self.buckets = sorted(set(profile.decode_batch_sizes) | set(profile.prefill_token_counts))
-        self._compiled = torch.compile(model.forward, backend=piecewise_backend(self.stats, profile.inductor), fullgraph=True)
+        self._forward: Any = None  # the traced forward, called with the model first; set by warm_up
 
     def bucket_for(self, num_tokens: int, num_reqs: int) -> int | None:
         if num_tokens == num_reqs:
@@ -52,8 +65,10 @@ class CompiledModel:
         return self._run(padded[0], padded[1], kv, padded[2])[:n]
 
     def _run(self, input_ids: Tensor, positions: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
+        # The traced forward never re-enters Dynamo; the CPU decode kernels it calls are compiled functions
+        # of their own, which must not recompile while serving either.
         with torch.compiler.set_stance("fail_on_recompile" if self.stats.frozen else "default"):
-            return self._compiled(input_ids, positions, kv, meta)
+            return self._forward(self.model, input_ids, positions, kv, meta)
 
     @staticmethod
     def _pad(size: int, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, AttentionMetadata]:
@@ -70,28 +85,20 @@ class CompiledModel:
         )
 
     def warm_up(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor, show_progress: bool = True) -> None:
-        """Traces once (one forward of the smallest bucket), then compiles every other bucket's distinct pieces
-        (loads them, when the persistent cache has them) without running the model, then freezes."""
+        """Traces the model (or loads the saved trace), then compiles every bucket's distinct pieces (loads them,
+        when the persistent cache has them) without running the model, then freezes."""
         t0 = time.monotonic()
-        device = kv[0].device
-        first, *rest = self.buckets
-        # Inference-mode tensors like the runner's (Dynamo guards on dispatch keys),
-        # and distinct ones (it guards on aliasing between inputs too).
         with torch.inference_mode():
-            ids, pos = (torch.zeros(first, dtype=torch.int64, device=device) for _ in range(2))
-            meta = AttentionMetadata.padding(first, req_to_token)
-            per_row = (meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
-            # Unbacked, not just dynamic: Dynamo specialises a backed size of 1,
-            # so a bucket of 1 would need a second trace.
-            for t in (ids, pos, *per_row):
-                torch._dynamo.decorators.mark_unbacked(t, 0)
-            self._compiled(ids, pos, kv, meta)
-            for size in tqdm(rest, desc="compiling buckets", unit="bucket", disable=not show_progress):
+            if self.trace_file is not None and self.trace_file.exists():
+                self._load_trace()
+            else:
+                self._trace(kv, req_to_token)
+            for size in tqdm(self.buckets, desc="compiling buckets", unit="bucket", disable=not show_progress):
                 for piece in self.stats.distinct:
                     piece.precompile(size)
             for heads, dim, scale, window, cap in self.stats.decode_kinds:
                 q = torch.zeros(heads, dim, dtype=kv[0].dtype)
-                warm_up_decode(q, kv[0][0], kv[1][0], req_to_token, scale, window, cap)
+                self.decode_kernels_loaded += prepare_decode(q, kv[0][0], kv[1][0], None if self.trace_file is None else self.trace_file.parent)
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self._run, kv, req_to_token)
@@ -99,6 +106,28 @@ class CompiledModel:
             self._capture_pieces(kv, req_to_token)
         self.warm_up_seconds = time.monotonic() - t0
         log.info("compiled %d buckets in %.1fs: %s", len(self.buckets), self.warm_up_seconds, self.counters())
+
+    def _trace(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor) -> None:
+        size = self.buckets[0]
+        ids, pos = (torch.zeros(size, dtype=torch.int64, device=kv[0].device) for _ in range(2))
+        meta = AttentionMetadata.padding(size, req_to_token)
+        # Unbacked, not just dynamic: Dynamo specialises a backed size of 1, so a bucket of 1 would need a second trace.
+        for t in (ids, pos, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts):
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        compiled = torch.compile(self.model.forward, backend=piecewise_backend(self.stats, self.profile.inductor), fullgraph=True)
+        self._forward = compiled.aot_compile(((ids, pos, kv, meta), {}))
+        self._forward.disable_guard_check()
+        if self.trace_file is not None:
+            self._forward.save_compiled_function(str(self.trace_file))
+
+    def _load_trace(self) -> None:
+        with open(self.trace_file, "rb") as f:
+            self._forward = torch.compiler.load_compiled_function(f)
+        self._forward.disable_guard_check()
+        # aot_compile keeps the backend's output as the function's compiled graph; it comes back unbound.
+        graph: PiecewiseGraph = self._forward._artifacts.compiled_fn
+        graph.bind(self.stats, self.profile.inductor)
+        self.trace_loaded = True
 
     @torch.inference_mode()
     def _capture_pieces(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor) -> None:
@@ -136,6 +165,8 @@ class CompiledModel:
             "cache_hits": int(inductor["fxgraph_cache_hit"]),
             "cache_misses": int(inductor["fxgraph_cache_miss"]),
             "recompiles": max(self.stats.traces - 1, 0),
+            "trace_loaded": self.trace_loaded,
+            "cpu_decode_kernels_loaded": self.decode_kernels_loaded,
             "graph_breaks": int(sum(torch._dynamo.utils.counters["graph_break"].values())),
             "eager_fallbacks": self.eager_fallbacks,
             "cpu_decode_kernels": len(self.stats.decode_kinds),

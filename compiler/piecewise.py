@@ -16,11 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 from torch import fx
+from torch._dynamo.aot_compile_types import SerializableCallable
 from torch._guards import TracingContext, tracing
 from torch._inductor.compile_fx import compile_fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._graph_pickler import GraphPickler
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx._graph_pickler import Options as GraphPicklerOptions
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.split_module import split_module
 
@@ -57,20 +62,36 @@ class CompileStats:
     distinct: list["Piece"] = field(default_factory=list, repr=False)  # one piece per distinct code
 
 
-def _concrete(value: Any, size: int) -> int:
-    if isinstance(value, torch.SymInt):
-        expr = value.node.expr
-        return int(expr.xreplace({s: size for s in expr.free_symbols}))
-    return int(value)
+# A piece input as the trace recorded it, in a form that pickles: ("int", size) or ("tensor", shape, stride,
+# dtype, device), each size an int or a sympy expression (as text) of the bucket's symbolic token count.
+InputSpec = tuple[Any, ...]
 
 
-def _example(value: Any, size: int) -> Any:
-    """A zero input like the traced (fake) one, its symbolic sizes and strides evaluated at `size`."""
+def _size_text(value: Any) -> int | str:
+    return str(value.node.expr) if isinstance(value, torch.SymInt) else int(value)
+
+
+def _spec(value: Any) -> InputSpec:
     if not isinstance(value, torch.Tensor):
-        return _concrete(value, size)
-    shape = [_concrete(s, size) for s in value.shape]
-    stride = [_concrete(s, size) for s in value.stride()]
-    return torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device).zero_()
+        return ("int", _size_text(value))
+    shape, stride = [_size_text(s) for s in value.shape], [_size_text(s) for s in value.stride()]
+    return ("tensor", shape, stride, str(value.dtype).removeprefix("torch."), str(value.device))
+
+
+def _concrete(value: int | str, size: int) -> int:
+    if isinstance(value, int):
+        return value
+    expr = sympy.sympify(value)
+    return int(expr.xreplace({s: size for s in expr.free_symbols}))
+
+
+def _example(spec: InputSpec, size: int) -> Any:
+    """A zero input like the traced one, its symbolic sizes and strides evaluated at `size`."""
+    if spec[0] == "int":
+        return _concrete(spec[1], size)
+    _, shape, stride, dtype, device = spec
+    shape, stride = [_concrete(s, size) for s in shape], [_concrete(s, size) for s in stride]
+    return torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device).zero_()
 
 
 def _canonical(gm: fx.GraphModule) -> str:
@@ -94,15 +115,26 @@ def _specialize(gm: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModule:
                 user.kwargs = fx.node.map_arg(user.kwargs, lambda a, n=node, v=value: v if a is n else a)
             out.graph.erase_node(node)
     out.recompile()
+    if "example_value" not in next(iter(out.graph.nodes)).meta:
+        _add_example_values(out, [a for a in args if not isinstance(a, int)])
     return out
+
+
+def _add_example_values(gm: fx.GraphModule, tensors: list[torch.Tensor]) -> None:
+    """Fake values for each node of a piece loaded from a saved trace (whose metadata was left behind): Dynamo
+    leaves them on a traced graph, and AOTAutograd's cache and Inductor's graph passes read them."""
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*tensors)
+    for node in gm.graph.nodes:
+        node.meta["example_value"] = node.meta.pop("val", None)
 
 
 class Piece(torch.nn.Module):
     """One compiled stretch between attention calls, dispatched on its integer (size) inputs."""
 
-    def __init__(self, gm: fx.GraphModule, stats: CompileStats, inductor_options: dict[str, Any]):
+    def __init__(self, gm: fx.GraphModule, inputs: list[InputSpec], stats: CompileStats, inductor_options: dict[str, Any]):
         super().__init__()
         self.gm = gm
+        self.inputs = inputs
         self.key = _canonical(gm)
         self.stats = stats
         self.options = inductor_options
@@ -130,7 +162,7 @@ class Piece(torch.nn.Module):
     def precompile(self, size: int) -> None:
         """Compiles this piece for a bucket without running the model: the inputs are zeros shaped as the trace
         recorded them, with every symbolic size set to `size` (padding makes every per-row input bucket-long)."""
-        self._compiled(tuple(_example(n.meta["example_value"], size) for n in self.gm.graph.nodes if n.op == "placeholder"))
+        self._compiled(tuple(_example(spec, size) for spec in self.inputs))
 
     def forward(self, *args: Any) -> Any:
         sizes = tuple(a for a in args if isinstance(a, int))
@@ -145,7 +177,7 @@ class Piece(torch.nn.Module):
         return fn(*args)
 
 
-def _lower_cpu_decode(node: fx.Node, stats: CompileStats) -> None:
+def _lower_cpu_decode(node: fx.Node, decode_kinds: set[tuple[int, int, float, int, float]]) -> None:
     """On the CPU, attention decodes with Inductor's in-place kernel (ops/attention_decode_cpu.py) in a compiled
     model: the op's `inplace_decode` flag, set in the graph. Its warm-up needs the layer's constants as numbers:
     a scale Dynamo made symbolic (it does, once the same code ran with another value in this process) keeps
@@ -155,37 +187,92 @@ def _lower_cpu_decode(node: fx.Node, stats: CompileStats) -> None:
     if q.is_cuda or not all(isinstance(c, (int, float)) for c in (scale, window, cap)):
         return
     node.kwargs = {**node.kwargs, "inplace_decode": True}
-    stats.decode_kinds.add((q.shape[1], q.shape[2], scale, window, cap))
+    decode_kinds.add((q.shape[1], q.shape[2], scale, window, cap))
 
 
-def piecewise_backend(stats: CompileStats, inductor_options: dict[str, Any]) -> Callable[..., Any]:
-    def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        stats.traces += 1
-        if stats.frozen:
-            raise RecompileError("Dynamo traced the model again while serving")
-        part, owner = 0, {}
+class PiecewiseGraph(SerializableCallable):
+    """The traced model cut at attention, its pieces compiled per bucket. It pickles (the cut graph without
+    its trace-time metadata, each piece's input shapes, the decode kernels it needs): torch.compile's
+    aot_compile saves it with Dynamo's bytecode, so a warm start loads the trace instead of tracing again."""
+
+    def __init__(self, split: fx.GraphModule, inputs: dict[str, list[InputSpec]], decode_kinds: set[tuple[int, int, float, int, float]]):
+        self.split = split
+        self.inputs = inputs
+        self.decode_kinds = decode_kinds
+        self.saved = _without_metadata(split)  # bind() turns split's pieces into Pieces; this stays as cut
+
+    @staticmethod
+    def cut(gm: fx.GraphModule) -> "PiecewiseGraph":
+        """Cuts Dynamo's graph around every attention call (flagging the CPU's in-place decode on the way)."""
+        decode_kinds: set[tuple[int, int, float, int, float]] = set()
         for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output"):
-                continue
             if node.op == "call_function" and node.target is ATTENTION:
-                owner[node] = part + 1
-                part += 2
-                _lower_cpu_decode(node, stats)
-            else:
-                owner[node] = part
-        split = split_module(gm, None, lambda n: owner[n], keep_original_order=True)
+                _lower_cpu_decode(node, decode_kinds)
+        split = _split(gm)
+        inputs = {name: [_spec(n.meta["example_value"]) for n in sub.graph.nodes if n.op == "placeholder"] for name, sub in split.named_children()}
+        return PiecewiseGraph(split, inputs, decode_kinds)
+
+    def bind(self, stats: CompileStats, inductor_options: dict[str, Any]) -> None:
+        """Makes the pieces, which compile (or load) per bucket into `stats`."""
         keys = set()
-        for name, sub in list(split.named_children()):
+        for name, sub in list(self.split.named_children()):
             if any(n.target is ATTENTION for n in sub.graph.nodes):
                 continue
-            piece = Piece(sub, stats, inductor_options)
+            piece = Piece(sub, self.inputs[name], stats, inductor_options)
             if piece.key not in keys:
                 stats.distinct.append(piece)
             keys.add(piece.key)
-            setattr(split, name, piece)
+            setattr(self.split, name, piece)
             stats.pieces += 1
         stats.unique_pieces = len(keys)
-        log.info("traced the model: %d compiled pieces (%d distinct) around attention", stats.pieces, len(keys))
-        return split
+        stats.decode_kinds |= self.decode_kinds
+        log.info("the model in %d compiled pieces (%d distinct) around attention", stats.pieces, len(keys))
+
+    def __call__(self, *args: Any) -> Any:
+        return self.split(*args)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: "PiecewiseGraph") -> bytes:
+        # GraphPickler keeps each graph node for node (plain pickling re-traces the code, which would cut
+        # the model differently); any op may appear, Kiln's own included.
+        return GraphPickler.dumps((fn.saved, fn.inputs, fn.decode_kinds), GraphPicklerOptions(ops_filter=None))
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> "PiecewiseGraph":
+        return PiecewiseGraph(*GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv())))
+
+
+def _without_metadata(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a graph module (and of its children) whose nodes carry no trace-time metadata, which does
+    not pickle (fake tensors) and which nothing needs once the graph is cut."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:
+        node.meta = {}
+    return fx.GraphModule({name: _without_metadata(child) for name, child in gm.named_children()}, graph)
+
+
+def _split(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph in parts: the stretches between attention calls, and each attention call alone."""
+    part, owner = 0, {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_function" and node.target is ATTENTION:
+            owner[node] = part + 1
+            part += 2
+        else:
+            owner[node] = part
+    return split_module(gm, None, lambda n: owner[n], keep_original_order=True)
+
+
+def piecewise_backend(stats: CompileStats, inductor_options: dict[str, Any]) -> Callable[..., Any]:
+    def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> PiecewiseGraph:
+        stats.traces += 1
+        if stats.frozen:
+            raise RecompileError("Dynamo traced the model again while serving")
+        graph = PiecewiseGraph.cut(gm)
+        graph.bind(stats, inductor_options)
+        return graph
 
     return backend

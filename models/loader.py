@@ -132,7 +132,7 @@ def read_config(folder: Path) -> ModelConfig:
 def load_model(
     folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False, dummy_seed: int | None = None,
     tp: TensorParallel = TensorParallel(),
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     """Builds the model for cfg and reads folder's weights into it; with dummy_seed, reads nothing and fills the
     weights at random from that seed instead (--load-format dummy). With tp.size > 1 it builds this rank's
     shard and reads only that slice of each checkpoint tensor."""

@@ -11,6 +11,9 @@ Two compiled variants per dtype and head shape serve every batch and context wid
 the width is padded to at least 2, as Dynamo specialises a size of 1.
 """
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -37,8 +40,21 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, seq_lens
 # Inductor runs the outermost loop, the requests, in parallel: for one request that is one thread, so one
 # request gets its own variant with static sizes (except the pool's and the width), where it splits the
 # keys and heads instead.
-_one_request = torch.compile(_decode, dynamic=False)
-_any_batch = torch.compile(_decode, dynamic=True)
+_one_request = torch.compile(_decode, dynamic=False, fullgraph=True)
+_any_batch = torch.compile(_decode, dynamic=True, fullgraph=True)
+
+# Variant key -> the variant traced ahead of time (aot_compile) and saved in the compile cache folder, which
+# warm-up loads instead of tracing again. Held here because the op that calls them takes only tensors.
+_saved: dict[tuple[object, ...], Callable[..., Tensor]] = {}
+
+
+def _variant(q: Tensor, k_cache: Tensor) -> tuple[object, ...]:
+    return (q.shape[0] == 1, q.dtype, q.shape[1], q.shape[2], k_cache.shape[1], k_cache.dtype)
+
+
+def _mark_one_request_dynamic(slots: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
+    for t, dim in ((slots, 1), (k_cache, 0), (v_cache, 0)):
+        torch._dynamo.mark_dynamic(t, dim)
 
 
 def decode_inplace(
@@ -56,17 +72,40 @@ def decode_inplace(
     width = max(int(seq_lens.max()), 2)
     slots = req_to_token[req_indices, :width].long()
     consts = (torch.tensor(scale), torch.tensor(sliding_window), torch.tensor(logit_cap))
-    if q.shape[0] > 1:
-        return _any_batch(q, k_cache, v_cache, slots, seq_lens, *consts).to(q.dtype)
-    for t, dim in ((slots, 1), (k_cache, 0), (v_cache, 0)):
-        torch._dynamo.mark_dynamic(t, dim)
-    return _one_request(q, k_cache, v_cache, slots, seq_lens, *consts).to(q.dtype)
+    fn = _saved.get(_variant(q, k_cache))
+    if fn is None and q.shape[0] > 1:
+        fn = _any_batch
+    elif fn is None:
+        _mark_one_request_dynamic(slots, k_cache, v_cache)
+        fn = _one_request
+    return fn(q, k_cache, v_cache, slots, seq_lens, *consts).to(q.dtype)
 
 
-def warm_up_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor, scale: float, sliding_window: int, logit_cap: float) -> None:
-    """Compiles (or loads from the persistent cache) both variants for one layer kind, before serving freezes
-    compilation: q is [H, D] in the model's dtype; k_cache, v_cache one layer of the pool."""
+def prepare_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, folder: Path | None) -> int:
+    """Both variants for one layer kind, ready before serving freezes compilation: loaded from `folder` when an
+    earlier start saved them there, else traced ahead of time, compiled and saved there. Returns how many were
+    loaded. q is [H, D] in the model's dtype; k_cache, v_cache one layer of the pool. The variants skip
+    Dynamo's guards: `_variant` picks them by everything the trace specialised on, and the folder's key
+    (compiler/cache.py) covers the rest."""
+    loaded = 0
     for batch in (1, 2):
-        zeros = torch.zeros(batch, dtype=torch.int64)
-        lens = torch.full((batch,), 3, dtype=torch.int64)
-        decode_inplace(q.expand(batch, *q.shape).contiguous(), k_cache, v_cache, req_to_token, zeros, lens, scale, sliding_window, logit_cap)
+        qb = q.expand(batch, *q.shape).contiguous()
+        key = _variant(qb, k_cache)
+        _, q_dtype, heads, dim, kv_heads, kv_dtype = key
+        path = Path(folder or ".") / f"decode-{'one' if batch == 1 else 'any'}-{q_dtype}-{heads}x{dim}-{kv_heads}-{kv_dtype}.bin".replace("torch.", "")
+        if folder is not None and path.exists():
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+            loaded += 1
+        else:
+            slots = torch.zeros(batch, 3, dtype=torch.int64)
+            lens = torch.full((batch,), 3, dtype=torch.int64)
+            if batch == 1:
+                _mark_one_request_dynamic(slots, k_cache, v_cache)
+            consts = (torch.tensor(1.0), torch.tensor(0), torch.tensor(0.0))
+            fn = (_one_request if batch == 1 else _any_batch).aot_compile(((qb, k_cache, v_cache, slots, lens, *consts), {}))
+            if folder is not None:
+                fn.save_compiled_function(str(path))
+        fn.disable_guard_check()
+        _saved[key] = fn
+    return loaded

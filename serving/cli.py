@@ -12,17 +12,23 @@ log = logging.getLogger("kiln")
 
 
 def serve(argv: list[str]) -> int:
-    """Serves until SIGTERM (exit 0 after draining) or the engine's death (exit 1)."""
+    """Serves until SIGTERM (exit 0 after draining) or an engine's death (exit 1); a node other than 0
+    (--node-rank) runs its tensor-parallel ranks headless."""
     args = ServerArgs.from_cli(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    if args.node_rank > 0:
+        from kiln.serving.engine.headless import run_headless
+
+        return run_headless(args)
     import uvicorn
 
     from kiln.serving.api.app import create_app
-    from kiln.serving.api.engine_client import EngineClient, EngineStartError
+    from kiln.serving.api.engine_client import EngineStartError
+    from kiln.serving.api.engine_group import EngineGroup
     from kiln.serving.api.server import KilnServer, protocol_with_timeout
 
     try:
-        engine = EngineClient(args)
+        engine = EngineGroup.start(args)
     except EngineStartError as exc:
         log.error("could not start: %s", exc)
         return 1
@@ -68,11 +74,12 @@ def warm(argv: list[str]) -> int:
 BENCHMARKS = {
     "serve": "kiln.bench.serve", "offline": "kiln.bench.offline", "one-batch": "kiln.bench.one_batch",
     "startup": "kiln.bench.startup", "moe": "kiln.bench.moe", "cpu-attention": "kiln.bench.cpu_attention",
+    "dp-routing": "kiln.bench.dp_routing",
 }  # fmt: skip
 
 
 def bench(argv: list[str]) -> int:
-    """`kiln bench serve|offline|one-batch|startup|moe|cpu-attention ...`: runs that benchmark's main with the rest of the arguments."""
+    """`kiln bench serve|offline|one-batch|startup|moe|cpu-attention|dp-routing ...`: runs that benchmark's main with the rest of the arguments."""
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: kiln bench {{{','.join(BENCHMARKS)}}} [--help | options]", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command",
         choices=["serve", "warm", "bench"],
-        help="serve: start the HTTP server; warm: fill the compile cache and exit; bench: serve|offline|one-batch|startup|moe|cpu-attention benchmarks (kiln <command> --help)",
+        help="serve: start the HTTP server; warm: fill the compile cache and exit; bench: serve|offline|one-batch|startup|moe|cpu-attention|dp-routing benchmarks (kiln <command> --help)",
     )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

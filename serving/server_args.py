@@ -35,6 +35,11 @@ class ServerArgs:
     context_length: int | None = _opt(None, "longest prompt plus output (default: the model's max_position_embeddings)")
     max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static)")
     mem_fraction_static: float | None = _opt(None, "share of device memory for weights plus KV pool (default 0.85 on CUDA, 0.3 on CPU)")
+    dp_size: int = _opt(1, "data parallelism: engine processes, each with its own model and KV pool, behind the one HTTP server")
+    load_balance_method: str = _opt(
+        "cache_aware", "with --dp-size > 1, where a prompt goes: cache_aware (the engine sent its longest prefix, else the least loaded) "
+        "or shortest_queue (the engine with the fewest requests in flight)", choices=["cache_aware", "shortest_queue"],
+    )  # fmt: skip
     max_running_requests: int | None = _opt(None, "requests decoding at once; more wait in a queue (default 64 on CPU, 256 on CUDA)")
     chunked_prefill_size: int | None = _opt(None, "tokens per step; longer prompts are split across steps; -1 disables (default: the profile's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the KV of shared prefixes across requests")
@@ -81,9 +86,38 @@ class ServerArgs:
         choices=["stat"],
     )  # fmt: skip
     expert_distribution_recorder_dir: str | None = _opt(None, "where /dump_expert_distribution_record writes (default: <cache-dir>/expert_distribution)")
+    tp_size: int = _opt(1, "tensor-parallel ranks: one engine process each, every layer split across them (Llama and Qwen2 generation models)")
+    nnodes: int = _opt(1, "machines the tensor-parallel ranks span, --tp-size / --nnodes ranks on each")
+    node_rank: int = _opt(0, "this machine's index among --nnodes; 0 serves HTTP, the others run headless ranks")
+    dist_init_addr: str | None = _opt(
+        None, "host:port of node 0's rendezvous for the ranks (required with --nnodes > 1; default: a free port on 127.0.0.1)"
+    )
+    dist_timeout: float = _opt(120.0, "seconds the ranks may take to find each other at start-up before it fails")
     cors_allow_origins: tuple[str, ...] = _opt(
         (), "web origins (e.g. https://app.example) whose pages may call this server; others get a 403 on every POST (default: none)"
     )
+
+    def __post_init__(self) -> None:
+        if self.dp_size < 1:
+            raise ValueError(f"--dp-size must be at least 1 (got {self.dp_size})")
+        problem = self._distributed_problem()
+        if problem:
+            raise ValueError(problem)
+
+    def _distributed_problem(self) -> str | None:
+        if self.tp_size < 1 or self.nnodes < 1:
+            return "--tp-size and --nnodes must be at least 1"
+        if self.tp_size % self.nnodes:
+            return f"--tp-size {self.tp_size} does not split evenly over --nnodes {self.nnodes}"
+        if not 0 <= self.node_rank < self.nnodes:
+            return f"--node-rank {self.node_rank} is not among the {self.nnodes} nodes (0 to {self.nnodes - 1})"
+        if self.nnodes > 1 and not self.dist_init_addr:
+            return "--nnodes > 1 needs --dist-init-addr host:port, an address of node 0 that every node can reach"
+        if self.dist_init_addr and not _is_host_port(self.dist_init_addr):
+            return f"--dist-init-addr {self.dist_init_addr!r} is not host:port"
+        if self.tp_size > 1 and self.enable_overlap_schedule and not self.disable_overlap_schedule:
+            return "--enable-overlap-schedule does not run with --tp-size > 1 yet"
+        return None
 
     @classmethod
     def parser(cls, prog: str = "kiln serve", description: str | None = None) -> argparse.ArgumentParser:
@@ -104,9 +138,18 @@ class ServerArgs:
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None, prog: str = "kiln serve", description: str | None = None) -> "ServerArgs":
-        ns = cls.parser(prog, description).parse_args(argv)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
+        parser = cls.parser(prog, description)
+        ns = parser.parse_args(argv)
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
+        except ValueError as exc:
+            parser.error(str(exc))
 
     def public_dict(self) -> dict[str, Any]:
         """What /get_server_info shows: every setting but the keys."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["secret"]}
+
+
+def _is_host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536

@@ -60,21 +60,32 @@ class InfoController(Controller):
 
     @get(["/get_server_info", "/server_info"])
     async def server_info(self, ctx: ServingContext) -> Response:
-        info = msgspec.to_builtins(ctx.engine.info)
-        limits = info.pop("limits")
-        info |= {"max_total_num_tokens": limits["max_total_tokens"], "context_length": limits["context_length"], "model_kind": limits["kind"]}
+        """The settings, engine 0's figures at the top level (as SGLang's come from rank 0), and each engine's
+        figures in `internal_states`, by dp rank."""
         try:
-            info |= msgspec.to_builtins(await ctx.engine.stats(timeout=5))
+            stats = await ctx.engine.stats(timeout=5)
         except (asyncio.TimeoutError, EngineUnavailable):
-            pass  # the static figures still answer
-        info.pop("type", None)
-        return json_response({**ctx.args.public_dict(), **info, "internal_states": [info], "version": __version__})
+            stats = None  # the static figures still answer
+        states = []
+        for rank, engine in enumerate(ctx.engine.engines):
+            state = msgspec.to_builtins(engine.info)
+            limits = state.pop("limits")
+            state |= {"max_total_num_tokens": limits["max_total_tokens"], "context_length": limits["context_length"], "model_kind": limits["kind"]}
+            if stats is not None:
+                state |= msgspec.to_builtins(stats[rank])
+            state.pop("type", None)
+            states.append(state)
+        internal = [{"dp_rank": rank, **state} for rank, state in enumerate(states)]
+        return json_response({**ctx.args.public_dict(), **states[0], "internal_states": internal, "version": __version__})
 
     @get("/get_load")
     async def get_load(self, ctx: ServingContext) -> Response:
-        stats = await ctx.engine.stats(timeout=5)
-        used = ctx.engine.info.limits.max_total_tokens - stats.free_slots
-        return json_response([{"dp_rank": 0, "num_running_reqs": stats.num_running_reqs, "num_waiting_reqs": stats.num_waiting_reqs, "num_tokens": used}])
+        """Each engine's load, by dp rank."""
+        loads = []
+        for rank, (engine, stats) in enumerate(zip(ctx.engine.engines, await ctx.engine.stats(timeout=5))):
+            used = engine.info.limits.max_total_tokens - stats.free_slots
+            loads.append({"dp_rank": rank, "num_running_reqs": stats.num_running_reqs, "num_waiting_reqs": stats.num_waiting_reqs, "num_tokens": used})
+        return json_response(loads)
 
     @get("/get_weight_version")
     async def weight_version(self, ctx: ServingContext) -> Response:

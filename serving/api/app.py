@@ -1,4 +1,4 @@
-"""Wires the HTTP process together: engine client, tokenizer side, validator, controllers."""
+"""Wires the HTTP process together: engines, tokenizer side, validator, controllers."""
 
 import asyncio
 import logging
@@ -11,7 +11,7 @@ from litestar.di import Provide
 from kiln.serving.api.admin_routes import InfoController, StateController
 from kiln.serving.api.auth import auth_guard
 from kiln.serving.api.context import ServingContext
-from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.engine_group import EngineGroup
 from kiln.serving.api.errors import EXCEPTION_HANDLERS, error_response, json_response
 from kiln.serving.api.native_routes import GenerateController, TokenizerController
 from kiln.serving.api.openai_routes import OpenAIController
@@ -59,17 +59,13 @@ async def openapi(request: Request) -> Response:
     return json_response(openapi_document(request.app))
 
 
-def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
+def create_app(args: ServerArgs, engine: EngineGroup) -> Litestar:
     info = engine.info
     # The engine decides (--skip-tokenizer-init, or a dummy model without tokenizer files); this side follows.
     tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint) if info.limits.has_tokenizer else None
     validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
-    model_path = args.model_path or info.checkpoint
-    served = ServedModel(
-        model_path, args.tokenizer_path or model_path, args.served_model_name or model_path, args.weight_version, info,
-        fixed_name=args.served_model_name is not None,
-    )  # fmt: skip
-    metrics = ServingMetrics(served.name) if args.enable_metrics else None
+    served = ServedModel.for_args(args, info)
+    metrics = ServingMetrics(served.name, args.dp_size) if args.enable_metrics else None
     tm = TokenizerManager(engine, tokenizer, validator, served, metrics, args.incremental_streaming_output)
     ctx = ServingContext(args, engine, tm, OpenAIServing(tm), EmbeddingServing(tm, info.model_kind), metrics)
 
@@ -79,10 +75,12 @@ def create_app(args: ServerArgs, engine: EngineClient) -> Litestar:
     async def warmup() -> None:
         if args.skip_server_warmup:
             return
-        probe = tm.single("WARMUP", [0], SamplingParams(max_new_tokens=1))
-        out = await asyncio.wait_for(tm.run_one(probe), 300)
-        if out["meta_info"]["finish_reason"]["type"] == "abort":
-            raise RuntimeError(f"warm-up request failed: {out['meta_info']['finish_reason']}")
+        # One probe per engine: prompts shorter than a routing block go to the least loaded engine, so
+        # probes sent together spread one to each.
+        probes = [tm.single("WARMUP" if rank == 0 else f"WARMUP_{rank}", [rank], SamplingParams(max_new_tokens=1)) for rank in range(args.dp_size)]
+        for out in await asyncio.wait_for(tm.run_all(probes), 300):
+            if out["meta_info"]["finish_reason"]["type"] == "abort":
+                raise RuntimeError(f"warm-up request failed: {out['meta_info']['finish_reason']}")
 
     async def ready() -> None:
         log.info(

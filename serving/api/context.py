@@ -3,7 +3,7 @@
 import time
 from dataclasses import dataclass, field
 
-from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.engine_group import EngineGroup
 from kiln.serving.api.metrics import ServingMetrics
 from kiln.serving.api.openai_serving import OpenAIServing
 from kiln.serving.api.pooled_serving import EmbeddingServing
@@ -14,7 +14,7 @@ from kiln.serving.server_args import ServerArgs
 @dataclass
 class ServingContext:
     args: ServerArgs
-    engine: EngineClient
+    engine: EngineGroup
     tm: TokenizerManager
     oai: OpenAIServing
     pooled: EmbeddingServing

@@ -1,4 +1,4 @@
-"""The HTTP process's handle on the engine process: start it, send requests, route outputs, notice its death."""
+"""The HTTP process's handle on one engine process: start it, send requests, route outputs, notice its death."""
 
 import asyncio
 import logging
@@ -31,7 +31,6 @@ from kiln.serving.messages import (
     TokenOutput,
     UpdateWeights,
 )
-from kiln.serving.sampling_params import InvalidRequest
 from kiln.serving.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
@@ -44,34 +43,33 @@ class EngineStartError(RuntimeError):
     pass
 
 
-def _run_engine(args: ServerArgs, conn: Any) -> None:
+def _run_engine(args: ServerArgs, conn: Any, dp_rank: int) -> None:
     import importlib
 
     module, name = ENGINE_ENTRY.split(":")
-    getattr(importlib.import_module(module), name)(args, conn)
+    getattr(importlib.import_module(module), name)(args, conn, dp_rank)
 
 
 class EngineClient:
-    """Starts the engine process; `generate` yields its TokenOutputs for one request.
+    """Starts engine process `dp_rank`; `generate` yields its TokenOutputs for one request.
 
-    Every request id in flight is registered here, so a second request with the same id is refused
-    before it reaches the engine. When the engine process dies, every request in flight ends with a
-    503 abort and `on_death` is called (the server then exits, so a supervisor restarts it).
+    The process starts at construction and `wait_ready` waits for its EngineInfo, so that several engines
+    start at once. Each request id in flight here has a queue for its outputs. When the engine process
+    dies, every request in flight ends with a 503 abort and `on_death` is called (the server then exits,
+    so a supervisor restarts it).
     """
 
-    def __init__(self, args: ServerArgs):
+    def __init__(self, args: ServerArgs, dp_rank: int = 0):
+        self.name = "the engine process" if args.dp_size == 1 else f"engine process dp{dp_rank}"
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_run_engine, args=(args, child), daemon=True, name="kiln-engine")
+        self.process = ctx.Process(target=_run_engine, args=(args, child, dp_rank), daemon=True, name=f"kiln-engine-dp{dp_rank}")
         self.process.start()
         child.close()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(FromEngine).decode
         self._send_lock = threading.Lock()
-        first = self._recv_blocking()
-        if not isinstance(first, EngineInfo):
-            raise EngineStartError(first.message if isinstance(first, EngineError) else "engine process exited during start-up")
-        self.info: EngineInfo = first
+        self.info: EngineInfo | None = None
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
         # The engine answers StatsRequest and the control messages in the order they were sent.
         self._replies: deque[asyncio.Future[Any]] = deque()
@@ -80,6 +78,14 @@ class EngineClient:
         self._stopping = False  # we asked the engine to stop: its exit is no death
         self.on_death: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wait_ready(self) -> EngineInfo:
+        """Blocks until the engine has loaded its model; EngineStartError if it could not."""
+        first = self._recv_blocking()
+        if not isinstance(first, EngineInfo):
+            raise EngineStartError(first.message if isinstance(first, EngineError) else f"{self.name} exited during start-up")
+        self.info = first
+        return first
 
     def _recv_blocking(self) -> Any:
         try:
@@ -120,7 +126,7 @@ class EngineClient:
             if not fut.done():  # its caller may have timed out
                 fut.set_result(msg)
         elif isinstance(msg, EngineError):
-            log.error("engine: %s", msg.message)
+            log.error("%s: %s", self.name, msg.message)
 
     def _engine_died(self) -> None:
         if self._stopping:
@@ -128,14 +134,18 @@ class EngineClient:
         self.dead = True
         self.unavailable = "The engine process exited; the server is shutting down."
         self.process.join(timeout=0.5)  # the pipe closes just before the process is reaped
-        log.error("the engine process exited (exit code %s); failing %d requests", self.process.exitcode, len(self._queues))
-        for rid, queue in self._queues.items():
-            queue.put_nowait(TokenOutput(rid, [], 0, 0, FinishAbort("The engine process exited.", 503)))
+        log.error("%s exited (exit code %s); failing %d requests", self.name, self.process.exitcode, len(self._queues))
+        self.fail_in_flight("The engine process exited.")
         for fut in self._replies:
             if not fut.done():
                 fut.set_exception(EngineUnavailable(self.unavailable))
         if self.on_death is not None:
             self.on_death()
+
+    def fail_in_flight(self, message: str) -> None:
+        """Ends every request in flight with a 503 abort (its engine, or another of the group, is gone)."""
+        for rid, queue in self._queues.items():
+            queue.put_nowait(TokenOutput(rid, [], 0, 0, FinishAbort(message, 503)))
 
     @property
     def alive(self) -> bool:
@@ -145,25 +155,16 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
-    def open(self, rids: list[str]) -> list[asyncio.Queue[TokenOutput]]:
-        """Registers the ids of requests about to be sent; refuses the lot if one is already in flight."""
-        if self.unavailable is not None:
-            raise EngineUnavailable(self.unavailable)
-        if len(set(rids)) != len(rids):
-            dupes = sorted({r for r in rids if rids.count(r) > 1})
-            raise InvalidRequest(f"Duplicate request IDs detected within the request: {dupes}")
-        for rid in rids:
-            if rid in self._queues:
-                raise InvalidRequest(f"Duplicate request ID detected: {rid}")
-        queues: list[asyncio.Queue[TokenOutput]] = [asyncio.Queue() for _ in rids]
-        self._queues.update(zip(rids, queues))
-        return queues
+    def open(self, rid: str) -> asyncio.Queue[TokenOutput]:
+        """Registers the id of a request about to be sent (the group has checked that no other request holds it)."""
+        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        self._queues[rid] = queue
+        return queue
 
-    def close(self, rids: list[str], queues: list[asyncio.Queue[TokenOutput]]) -> None:
-        """Forgets the opened ids whose request was never sent (another request may hold the id by now)."""
-        for rid, queue in zip(rids, queues):
-            if self._queues.get(rid) is queue:
-                del self._queues[rid]
+    def close(self, rid: str, queue: asyncio.Queue[TokenOutput]) -> None:
+        """Forgets an opened id whose request was never sent or has ended."""
+        if self._queues.get(rid) is queue:
+            del self._queues[rid]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         """Sends an opened request and yields its outputs until the finishing one; leaving early aborts it."""
@@ -182,9 +183,10 @@ class EngineClient:
                 self._send(AbortRequest(req.rid))
 
     def abort(self, rid: str, message: str | None = None) -> None:
-        """Aborts one request (with the n copies `rid-0`, `rid-1`, ... it was split into), or every one for rid ""."""
-        copies = [r for r in self._queues if r.startswith(rid + "-") and r[len(rid) + 1 :].isdigit()] if rid else []
-        for target in [rid, *copies]:
+        """Aborts the requests in flight here with id `rid` or the n copies `rid-0`, `rid-1`, ... it was split
+        into, or every request for rid ""."""
+        targets = [r for r in self._queues if r == rid or r.startswith(rid + "-") and r[len(rid) + 1 :].isdigit()] if rid else [rid]
+        for target in targets:
             self._send(AbortRequest(target, message))
 
     async def _ask(self, msg: Any, timeout: float | None) -> Any:

@@ -1,8 +1,8 @@
 """Prometheus metrics (`--enable-metrics`) under SGLang's names, labels and buckets, so its dashboards work.
 
 Per-request figures are counted here, in the HTTP process, as outputs arrive: the engine's loop does
-no counting. The engine's own gauges (running, queued, KV use, throughput) and Kiln's compile counters
-are read from the engine when /metrics is scraped.
+no counting. The engines' own gauges (running, queued, KV use, throughput) and Kiln's compile counters
+are read from each engine when /metrics is scraped.
 """
 
 import time
@@ -46,28 +46,32 @@ COMPILE_GAUGES = [
 
 
 class EngineCollector:
-    """Yields the engine's gauges from the last stats read (taken just before each scrape)."""
+    """Yields the engines' gauges from the last stats read (taken just before each scrape): one sample per
+    engine, labelled with its `dp_rank` when there are several (rates and usages do not add up)."""
 
-    def __init__(self, labels: dict[str, str]):
+    def __init__(self, labels: dict[str, str], dp_size: int):
         self.labels = labels
-        self.stats: EngineStats | None = None
+        self.dp_size = dp_size
+        self.stats: list[EngineStats] | None = None
 
-    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        g = GaugeMetricFamily(name, doc, labels=list(self.labels))
-        g.add_metric(list(self.labels.values()), value)
-        return g
+    def _family(self, kind: type[Metric], name: str, doc: str, values: list[float]) -> Metric:
+        ranked = self.dp_size > 1
+        family = kind(name, doc, labels=[*self.labels, *(["dp_rank"] if ranked else [])])
+        for rank, value in enumerate(values):
+            family.add_metric([*self.labels.values(), *([str(rank)] if ranked else [])], value)
+        return family
 
     def collect(self) -> Iterator[Metric]:
         if self.stats is None:
             return
         for name, doc, field in ENGINE_GAUGES:
-            yield self._gauge(name, doc, getattr(self.stats, field))
-        retracted = CounterMetricFamily("sglang:num_retracted_requests", "Total number of retracted requests.", labels=list(self.labels))
-        retracted.add_metric(list(self.labels.values()), self.stats.total_retractions)
-        yield retracted
+            yield self._family(GaugeMetricFamily, name, doc, [getattr(s, field) for s in self.stats])
+        yield self._family(
+            CounterMetricFamily, "sglang:num_retracted_requests", "Total number of retracted requests.", [s.total_retractions for s in self.stats]
+        )
         for name, doc, key in COMPILE_GAUGES:
-            if key in self.stats.compile:
-                yield self._gauge(name, doc, self.stats.compile[key])
+            if key in self.stats[0].compile:
+                yield self._family(GaugeMetricFamily, name, doc, [s.compile[key] for s in self.stats])
 
 
 class RequestTimer:
@@ -106,10 +110,10 @@ class RequestTimer:
 
 
 class ServingMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, dp_size: int = 1):
         self.registry = CollectorRegistry(auto_describe=True)
         base = {"model_name": model_name, "engine_type": "unified"}
-        self.engine = EngineCollector(base | {"tp_rank": "0", "pp_rank": "0", "moe_ep_rank": "0"})
+        self.engine = EngineCollector(base | {"tp_rank": "0", "pp_rank": "0", "moe_ep_rank": "0"}, dp_size)
         self.registry.register(self.engine)
         r = self.registry
 
@@ -135,7 +139,7 @@ class ServingMetrics:
     def timer(self, streaming: bool) -> RequestTimer:
         return RequestTimer(self, streaming)
 
-    def exposition(self, stats: EngineStats | None) -> bytes:
-        """The text format, with the engine's gauges from `stats` (None: left out, the engine did not answer)."""
+    def exposition(self, stats: list[EngineStats] | None) -> bytes:
+        """The text format, with the engines' gauges from `stats`, by dp rank (None: left out, an engine did not answer)."""
         self.engine.stats = stats
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.serving.messages import EngineInfo
+from kiln.serving.server_args import ServerArgs
 
 
 @dataclass
@@ -14,6 +15,11 @@ class ServedModel:
     weight_version: str
     info: EngineInfo
     fixed_name: bool  # --served-model-name was given: the name outlives updates
+
+    @classmethod
+    def for_args(cls, args: ServerArgs, info: EngineInfo) -> "ServedModel":
+        path = args.model_path or info.checkpoint
+        return cls(path, args.tokenizer_path or path, args.served_model_name or path, args.weight_version, info, args.served_model_name is not None)
 
     def model_info(self) -> dict[str, Any]:
         """/get_model_info, field for field as SGLang."""

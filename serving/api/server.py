@@ -1,4 +1,4 @@
-"""The HTTP server around the app: uvicorn with read timeouts, a draining shutdown, and an exit when the engine dies."""
+"""The HTTP server around the app: uvicorn with read timeouts, a draining shutdown, and an exit when an engine dies."""
 
 import asyncio
 import logging
@@ -9,7 +9,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.engine_group import EngineGroup
 
 log = logging.getLogger("kiln")
 
@@ -66,9 +66,9 @@ def protocol_with_timeout(read_timeout: float) -> type[H11Protocol]:
 
 class KilnServer(uvicorn.Server):
     """On SIGTERM: stop accepting, let requests in flight finish for up to `drain_timeout` seconds, abort
-    the rest (they end with an abort finish reason), then stop. When the engine dies: stop at once."""
+    the rest (they end with an abort finish reason), then stop. When an engine dies: stop at once."""
 
-    def __init__(self, config: uvicorn.Config, engine: EngineClient, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine: EngineGroup, drain_timeout: float):
         super().__init__(config)
         self.engine = engine
         self.drain_timeout = drain_timeout

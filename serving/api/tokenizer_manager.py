@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from kiln.serving.api.detokenizer import IncrementalDetokenizer, trim_stop
-from kiln.serving.api.engine_client import EngineClient
+from kiln.serving.api.engine_group import EngineGroup
 from kiln.serving.api.errors import EngineUnavailable
 from kiln.serving.api.generation_gate import GenerationGate
 from kiln.serving.api.metrics import ServingMetrics
@@ -62,7 +62,7 @@ def _raise_if_refused(out: TokenOutput) -> None:
 
 class TokenizerManager:
     def __init__(
-        self, engine: EngineClient, tokenizer: Any | None, validator: Validator, served: ServedModel, metrics: ServingMetrics | None,
+        self, engine: EngineGroup, tokenizer: Any | None, validator: Validator, served: ServedModel, metrics: ServingMetrics | None,
         incremental_ids: bool = False, workers: int = 2,
     ):  # fmt: skip
         self.engine = engine
@@ -151,7 +151,7 @@ class TokenizerManager:
     async def stream_one(self, req: SingleRequest, partial: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Yields the response object after every engine output (cumulative text and ids), or only the last.
 
-        The request's id must be open in the engine client (run_all and stream_all open it)."""
+        The request's id must be open in the engine group (run_all and stream_all open it)."""
         start = time.monotonic()
         p = req.params
         detok = IncrementalDetokenizer(self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens) if self.tokenizer else None
@@ -225,7 +225,7 @@ class TokenizerManager:
     async def run_all(self, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
         rids = [r.rid for r in reqs]
         async with self.gate.request():
-            queues = self.engine.open(rids)
+            queues = self.engine.open(rids, [r.input_ids for r in reqs])
             try:
                 return await gather_or_cancel(self._last(r) for r in reqs)
             finally:
@@ -235,7 +235,7 @@ class TokenizerManager:
         """Interleaves the streams of several requests; batch chunks carry their `index`."""
         rids = [r.rid for r in reqs]
         async with self.gate.request():
-            queues = self.engine.open(rids)
+            queues = self.engine.open(rids, [r.input_ids for r in reqs])
             try:
                 if not is_batch:
                     async for chunk in self.stream_one(reqs[0]):

@@ -12,30 +12,27 @@ import msgspec
 import torch
 import xgrammar as xgr
 
-from kiln.compiler.cache import cache_key, use_cache_dir
-from kiln.compiler.compiled_model import CompiledModel
-from kiln.compiler.cuda_graphs import probe_graph_memory
-from kiln.compiler.profile import Profile
 from kiln.models.bert import BertModel
-from kiln.models.dummy import dummy_config_folder, has_tokenizer
-from kiln.models.gguf_q4 import GGUFQ4_1
-from kiln.models.loader import gguf_file, load_model, quantize_model, read_config, resolve_checkpoint
+from kiln.models.dummy import has_tokenizer
+from kiln.models.loader import read_config
 from kiln.models.pooling import PoolingConfig, pool, read_pooling_config
 from kiln.models.registry import EMBEDDING, GENERATION, model_class, model_kind
-from kiln.serving.engine.device import available_memory, resolve_device, resolve_quantization
+from kiln.ops.tensor_parallel import TensorParallel
+from kiln.serving.engine.device import resolve_device
 from kiln.serving.engine.expert_recorder import DISABLED as EXPERT_RECORDER_DISABLED
 from kiln.serving.engine.expert_recorder import ExpertRecorder
 from kiln.serving.engine.grammar import GrammarCompiler, grammar_key
 from kiln.serving.engine.grammar_mask import GrammarMask
-from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.engine.logprobs import record_input_logprobs, record_logprobs
 from kiln.serving.engine.model_runner import ModelRunner
 from kiln.serving.engine.output import token_output
 from kiln.serving.engine.overlap import InFlight, OverlapWorker
 from kiln.serving.engine.radix_cache import RadixCache
+from kiln.serving.engine.rank_model import build_rank_model, locate_checkpoint
 from kiln.serving.engine.request import Req
 from kiln.serving.engine.sampler import apply_penalties, sample
 from kiln.serving.engine.scheduler import ScheduledBatch, Scheduler
+from kiln.serving.engine.step_channel import StepChannel
 from kiln.serving.engine.weight_update import WeightUpdater
 from kiln.serving.messages import (
     ControlReply,
@@ -59,66 +56,44 @@ THROUGHPUT_WINDOW_S = 10.0
 
 
 class EngineCore:
-    def __init__(self, args: ServerArgs):
+    """Rank 0's engine. With tensor parallelism, `channel` carries each step to the other ranks, which
+    process.py started, and names the group they share the model over."""
+
+    def __init__(self, args: ServerArgs, channel: StepChannel | None = None):
+        tp = channel.tp if channel else TensorParallel()
+        if args.tp_size != tp.size:
+            raise ValueError(f"--tp-size {args.tp_size} runs in `kiln serve` or kiln.Engine, which start the ranks")
         self.args = args
         self.device = resolve_device(args.device)
         t0 = time.monotonic()
-        dummy = args.load_format == "dummy"
-        self.checkpoint = dummy_config_folder(args.model_path) if dummy else resolve_checkpoint(args.model_path, Path(args.cache_dir))
+        self.checkpoint = locate_checkpoint(args)
         t_convert = time.monotonic()
         self.cfg = read_config(self.checkpoint)
         # A dummy model's folder may hold only config.json: then it serves ids, as with --skip-tokenizer-init.
-        untokenized = dummy and not args.tokenizer_path and not has_tokenizer(self.checkpoint)
+        untokenized = args.load_format == "dummy" and not args.tokenizer_path and not has_tokenizer(self.checkpoint)
         if untokenized and not args.skip_tokenizer_init:
             log.info("no tokenizer in %s: requests must send input_ids (as with --skip-tokenizer-init)", self.checkpoint)
         self.tokenizer = None if args.skip_tokenizer_init or untokenized else load_tokenizer(args.tokenizer_path or str(self.checkpoint))
         self.kind = model_kind(self.cfg, args.is_embedding)
+        if tp.size > 1 and self.kind != GENERATION:
+            raise ValueError(f"--tp-size > 1 serves generation models only; this one is a {self.kind} model")
         if self.kind != GENERATION and self.tokenizer is not None:
             # BERT derives a text pair's token types from its first separator, which only the tokenizer knows.
             self.cfg.raw.setdefault("sep_token_id", self.tokenizer.sep_token_id)
-        free_before = available_memory(self.device)
-        path = None if dummy else gguf_file(args.model_path)
-        gguf = None if path is None else GGUFQ4_1(path)
-        self.quantization, self.dtype = resolve_quantization(args.torchao_config, args.dtype, self.device, gguf)
-        dummy_seed = args.random_seed if dummy else None
-        self.model = load_model(self.checkpoint, self.cfg, self.dtype, self.device, args.is_embedding, dummy_seed)
-        self.quantized_layers = {} if self.quantization == "none" else quantize_model(self.model, self.cfg, self.quantization, self.dtype, gguf)
-        weights = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
-        t_load = time.monotonic()
-        log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", self.cfg.architectures[0], weights / 1e6, self.dtype, self.device, t_load - t_convert)
-
+        t_build = time.monotonic()
+        built = build_rank_model(args, self.device, tp, self.checkpoint, self.cfg, zeroed_pool=self.device.type == "cpu" and self._overlaps())
+        self.model, self.dtype, self.pool, self.compiled = built.model, built.dtype, built.pool, built.compiled
+        self.quantization, self.quantized_layers = built.quantization, built.quantized_layers
+        self.context_len, self.max_running, self.graph_reserve = built.context_len, built.max_running, built.graph_reserve
         self.expert_recorder = None
         if args.expert_distribution_recorder_mode:
             out_dir = Path(args.expert_distribution_recorder_dir or Path(args.cache_dir) / "expert_distribution")
             self.expert_recorder = ExpertRecorder(self.model, out_dir)
         self.pooling = self._pooling_config() if self.kind == EMBEDDING else None
-        self.context_len = args.context_length or getattr(self.model, "max_tokens", self.cfg.max_position_embeddings)
-        profile = Profile.for_device(self.device.type, args.profile).narrowed(args.cuda_graph_max_bs)
-        self.graph_reserve = 0
-        if self.device.type == "cuda" and not args.disable_compile and not args.disable_cuda_graph:
-            # The decode graphs share one memory pool, which the largest bucket sizes; a
-            # quarter more covers the compiled pieces' own buffers.
-            kv_shape = (self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
-            self.graph_reserve = int(1.25 * probe_graph_memory(self.model, kv_shape, self.dtype, max(profile.decode_batch_sizes)))
-            log.info("reserved %.0f MB for decode CUDA graphs before sizing the KV pool", self.graph_reserve / 1e6)
-        per_token = KVPool.bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype)
-        num_slots = args.max_total_tokens
-        if num_slots is None:
-            fraction = args.mem_fraction_static or (0.85 if self.device.type == "cuda" else 0.3)
-            num_slots = int((free_before * fraction - weights - self.graph_reserve) // per_token)
-        if num_slots < 16:
-            raise RuntimeError(f"KV pool would hold only {num_slots} tokens; raise --mem-fraction-static or --max-total-tokens")
-        self.max_running = args.max_running_requests or (256 if self.device.type == "cuda" else 64)
-        self.pool = KVPool(
-            num_slots, self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
-            self.dtype, self.device, self.max_running, self.context_len,
-            zeroed=self.device.type == "cpu" and self._overlaps(),
-        )  # fmt: skip
-        log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
         self.eos_ids = set(self.cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        chunk = args.chunked_prefill_size or profile.chunked_prefill_size
+        chunk = args.chunked_prefill_size or built.profile.chunked_prefill_size
         self.scheduler = Scheduler(
             # Pooled outputs need every token computed in one forward (encoders see both ways): no reuse, no chunks.
             self.pool, None if args.disable_radix_cache or self.kind != GENERATION else RadixCache(), self.max_running, chunk,
@@ -129,20 +104,14 @@ class EngineCore:
             self.kind, self.cfg.vocab_size, self.context_len, self.pool.size, min(self.context_len, self.scheduler.chunk_size),
             has_tokenizer=self.tokenizer is not None,
         )  # fmt: skip
-        t_pool = time.monotonic()
-        self.compiled = None if args.disable_compile else self._compile(profile)
-        t_end = time.monotonic()
-        compile_s = self.compiled.stats.compile_seconds if self.compiled else 0.0
         # Where start-up went, in seconds: the GGUF conversion (0 once cached), tokenizer and weights,
         # KV pool sizing (with the CUDA graph memory probe), Inductor compiling or loading pieces, and the rest
         # of warm-up (the trace and its forward, CUDA graph capture).
-        self.startup = {
-            "convert": t_convert - t0, "load": t_load - t_convert, "pool_sizing": t_pool - t_load,
-            "compile": compile_s, "warm_up": t_end - t_pool - compile_s, "total": t_end - t0,
-        }  # fmt: skip
+        self.startup = {"convert": t_convert - t0, **built.seconds, "total": time.monotonic() - t0}
+        self.startup["load"] += t_build - t_convert
         self.startup = {k: round(v, 2) for k, v in self.startup.items()}
         log.info("start-up: %s", ", ".join(f"{k} {v:.1f}s" for k, v in self.startup.items()))
-        self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device)
+        self.runner = ModelRunner(self.compiled or self.model, self.model, self.pool, self.device, channel)
         self._seeds = torch.Generator().manual_seed(args.random_seed)
         # Only generation has grammars (and a stop token for xgrammar to end on).
         self.grammars = (
@@ -152,7 +121,9 @@ class EngineCore:
         )
         self.masks = GrammarMask(self.cfg.vocab_size, self.max_running)
         self.compiling: list[tuple[Req, Future[xgr.CompiledGrammar]]] = []  # constrained requests whose grammar is not ready
-        self.weights = WeightUpdater(self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization, dummy_seed)
+        self.weights = WeightUpdater(
+            self.model, self.checkpoint, Path(args.cache_dir), args.is_embedding, self.quantization, built.dummy_seed, channel
+        )  # fmt: skip
         self.overlap = OverlapWorker(self.runner, self.eos_ids, self.max_running) if self._overlaps() else None
         self.inflight: InFlight | None = None  # the launched step whose tokens the host has not read
         self._held: list[TokenOutput] = []  # outputs of a step finished outside step(), sent by the next one
@@ -167,15 +138,6 @@ class EngineCore:
         default = PoolingConfig("cls" if model_class(self.cfg) is BertModel else "last", True)
         normalize = None if self.args.normalize_embeddings is None else self.args.normalize_embeddings == "true"
         return read_pooling_config(self.checkpoint, default, self.args.pooling_method, normalize)
-
-    def _compile(self, profile: Profile) -> CompiledModel:
-        key = cache_key({**self.cfg.raw, "kiln_quantization": self.quantization}, self.dtype, self.device, profile)
-        cache = Path(self.args.compile_cache_dir or Path(self.args.cache_dir) / "compile") / key
-        use_cache_dir(cache)
-        compiled = CompiledModel(self.model, profile, cuda_graphs=not self.args.disable_cuda_graph)
-        log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
-        compiled.warm_up((self.pool.k, self.pool.v), self.pool.req_to_token)
-        return compiled
 
     def engine_info(self) -> EngineInfo:
         """What the HTTP side is told once, when the engine is ready."""

@@ -47,6 +47,9 @@ class KVPool:
         self._stack = torch.arange(num_slots, 0, -1, dtype=torch.int64)
         self._top = num_slots
         self._free_rows = list(range(max_requests - 1, -1, -1))
+        # With tensor parallelism, rank 0 records every table write here and sends them with the next step,
+        # so that the other ranks' tables (which their attention reads) match its own.
+        self.table_writes: list[Tensor] | None = None
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -80,7 +83,7 @@ class KVPool:
         # flip copies: the caller's slots must not alias stack entries a later free overwrites.
         slots = self._stack[self._top - n : self._top].flip(0)
         self._top -= n
-        self.req_to_token[row, start : start + n] = slots.to(self.req_to_token.device, torch.int32)
+        self.set_slots(row, start, slots)
         return slots
 
     def slots_of(self, row: int, start: int, end: int) -> Tensor:
@@ -88,6 +91,21 @@ class KVPool:
 
     def set_slots(self, row: int, start: int, slots: Tensor) -> None:
         self.req_to_token[row, start : start + len(slots)] = slots.to(self.req_to_token.device, torch.int32)
+        if self.table_writes is not None:
+            self.table_writes.append(torch.cat([torch.tensor([row, start, len(slots)]), slots.to("cpu", torch.int64)]))
+
+    def take_table_writes(self) -> Tensor:
+        """The table writes recorded since the last call, as (row, start, n, n slots) runs back to back."""
+        writes, self.table_writes = self.table_writes or [], []
+        return torch.cat(writes) if writes else torch.zeros(0, dtype=torch.int64)
+
+    def apply_table_writes(self, writes: Tensor) -> None:
+        """Replays another rank's take_table_writes() on this table."""
+        at, flat = 0, writes.tolist()
+        while at < len(flat):
+            row, start, n = flat[at : at + 3]
+            self.req_to_token[row, start : start + n] = writes[at + 3 : at + 3 + n].to(self.req_to_token.device, torch.int32)
+            at += 3 + n
 
     def free(self, slots: Tensor) -> None:
         # Freed slots go on top, handed out next and in the order given: the next requests reuse

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from kiln.ops.attention import AttentionMetadata
 from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.engine.scheduler import ScheduledBatch
+from kiln.serving.engine.step_channel import ForwardStep, RankGone, StepChannel
 
 
 @dataclass
@@ -22,13 +23,18 @@ class StepInputs:
 
 
 class ModelRunner:
-    """`forward` is the model's forward, or the compiled one; `model` computes logits."""
+    """`forward` is the model's forward, or the compiled one; `model` computes logits. With tensor
+    parallelism, rank 0's runner sends each step down `channel` before running it, and the other ranks'
+    runners `follow` it with the same calls (tp_worker.py)."""
 
-    def __init__(self, forward: Callable[..., Tensor], model: nn.Module, pool: KVPool, device: torch.device):
+    def __init__(self, forward: Callable[..., Tensor], model: nn.Module, pool: KVPool, device: torch.device, channel: StepChannel | None = None):
         self.forward_fn = forward
         self.model = model
         self.pool = pool
         self.device = device
+        self.channel = channel
+        if channel is not None:
+            pool.table_writes = []
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The batch's tensors, read from each request's kv_len and slots (before the step moves them on)."""
@@ -40,10 +46,12 @@ class ModelRunner:
             slots.append(self.pool.req_to_token[req.row, start : start + len(extend)])
             lens.append(start + len(extend))
             ext.append(len(extend))
-        dev = self.device
-        meta = AttentionMetadata.build(torch.cat(slots), self.pool.req_to_token, [r.row for r in batch.reqs], lens, ext)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
-        return StepInputs(as_tensor(ids), as_tensor(positions), meta, ext)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
+        return self.inputs(as_tensor(ids), as_tensor(positions), torch.cat(slots), [r.row for r in batch.reqs], lens, ext)
+
+    def inputs(self, ids: Tensor, positions: Tensor, out_slots: Tensor, rows: list[int], lens: list[int], ext: list[int]) -> StepInputs:
+        meta = AttentionMetadata.build(out_slots, self.pool.req_to_token, rows, lens, ext)
+        return StepInputs(ids.to(self.device), positions.to(self.device), meta, ext)
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs, ids: Tensor | None = None) -> Tensor:
@@ -65,11 +73,36 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch) -> tuple[Tensor, dict[int, Tensor]]:
         """Logits [B, vocab] (float32) at each request's last new token, and for requests that
         asked for input logprobs, the logits of the prompt positions this step scores (Req.input_rows)."""
-        hidden, ext = self.hidden_states(batch)
-        prompt_logits, offset = {}, 0
-        for i, (req, n) in enumerate(zip(batch.reqs, ext)):
+        inputs = self.prepare(batch)
+        ranges, offset = {}, 0
+        for i, (req, n) in enumerate(zip(batch.reqs, inputs.ext)):
             lo, hi = req.input_rows(n)
             if hi > lo:
-                prompt_logits[i] = self.model.compute_logits(hidden[offset + lo - req.kv_len : offset + hi - req.kv_len])
+                ranges[i] = (offset + lo - req.kv_len, offset + hi - req.kv_len)
             offset += n
-        return self.last_logits(hidden, ext), prompt_logits
+        if self.channel is None:
+            return self._logits(inputs, ranges)
+        # Once sent, the other ranks run this step: any failure from here leaves them out of step with us.
+        try:
+            meta = inputs.meta
+            step = ForwardStep(
+                inputs.ids, inputs.positions, meta.out_slots, meta.req_indices.tolist(), meta.seq_lens.tolist(), inputs.ext,
+                self.pool.take_table_writes(), list(ranges.values()),
+            )  # fmt: skip
+            self.channel.send_forward(step)
+            return self._logits(inputs, ranges)
+        except Exception as exc:
+            raise RankGone(f"a tensor-parallel step failed: {type(exc).__name__}: {exc}") from exc
+
+    def _logits(self, inputs: StepInputs, ranges: dict[int, tuple[int, int]]) -> tuple[Tensor, dict[int, Tensor]]:
+        # The model calls, in this order, are what follow() repeats on the other ranks.
+        hidden = self.run(inputs)
+        prompt_logits = {i: self.model.compute_logits(hidden[lo:hi]) for i, (lo, hi) in ranges.items()}
+        return self.last_logits(hidden, inputs.ext), prompt_logits
+
+    @torch.inference_mode()
+    def follow(self, step: ForwardStep) -> None:
+        """Another rank's side of rank 0's forward: the same inputs and model calls; the logits are rank 0's to use."""
+        self.pool.apply_table_writes(step.table_writes)
+        inputs = self.inputs(step.ids, step.positions, step.out_slots, step.req_indices, step.seq_lens, step.ext)
+        self._logits(inputs, dict(enumerate(step.logit_ranges)))

@@ -16,6 +16,7 @@ from kiln.models.dummy import init_dummy_weights
 from kiln.models.loader import read_config, resolve_checkpoint
 from kiln.models.registry import model_class
 from kiln.models.weights import check_weights, iter_weights, weight_files
+from kiln.serving.engine.step_channel import StepChannel
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def _reason(exc: BaseException) -> str:
 
 class WeightUpdater:
     def __init__(
-        self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool, quantization: str = "none", dummy_seed: int | None = None
+        self, model: nn.Module, checkpoint: Path, cache_dir: Path, is_embedding: bool, quantization: str = "none", dummy_seed: int | None = None,
+        channel: StepChannel | None = None,
     ):
         self.model = model
         self.quantization = quantization
@@ -38,9 +40,23 @@ class WeightUpdater:
         self.dummy_seed = dummy_seed  # set while the served weights are dummy ones, which this seed makes again
         self.cache_dir = cache_dir
         self.is_embedding = is_embedding
+        self.channel = channel  # with tensor parallelism: every rank updates its shard, or none does
 
     def update(self, model_path: str, load_format: str | None) -> tuple[bool, str]:
-        """(success, message) with SGLang's messages; on failure the served weights are the old ones."""
+        """(success, message) with SGLang's messages; on failure the served weights are the old ones.
+        With tensor parallelism, rank 0 first tells the others, which call this too."""
+        if self.channel is not None and self.channel.tp.rank == 0:
+            self.channel.send_weights(model_path, load_format)
+        before = (self.checkpoint, self.dummy_seed)
+        ok, message = self._update(model_path, load_format)
+        if self.channel is None or self.channel.all_ok(ok) or not ok:
+            return ok, message
+        log.error("update_weights_from_disk: another tensor-parallel rank failed; reading back %s", before[0])
+        self.checkpoint, self.dummy_seed = before
+        self._read_back()
+        return False, "Failed to update weights: another tensor-parallel rank could not load them.\nRolling back to original weights."
+
+    def _update(self, model_path: str, load_format: str | None) -> tuple[bool, str]:
         t0 = time.monotonic()
         if load_format not in LOAD_FORMATS:
             return False, f"Unknown load_format: {load_format}"

@@ -5,7 +5,7 @@ import pytest
 from kiln.serving.cli import main
 
 
-@pytest.mark.parametrize("name, prog", [("serve", "kiln bench serve"), ("offline", "kiln bench offline"), ("one-batch", "kiln bench one-batch"), ("startup", "kiln bench startup"), ("cpu-attention", "kiln bench cpu-attention")])
+@pytest.mark.parametrize("name, prog", [("serve", "kiln bench serve"), ("offline", "kiln bench offline"), ("one-batch", "kiln bench one-batch"), ("startup", "kiln bench startup"), ("cpu-attention", "kiln bench cpu-attention"), ("dp-routing", "kiln bench dp-routing")])
 def test_bench_dispatches_to_the_benchmark(name: str, prog: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", name, "--help"])
@@ -15,4 +15,4 @@ def test_bench_dispatches_to_the_benchmark(name: str, prog: str, capsys: pytest.
 
 def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "nope"]) == 2
-    assert "kiln bench {serve,offline,one-batch,startup,moe,cpu-attention}" in capsys.readouterr().err
+    assert "kiln bench {serve,offline,one-batch,startup,moe,cpu-attention,dp-routing}" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""What every tensor-parallel rank builds the same way: the model (this rank's shard), the KV pool, the compiled forward.
+
+Rank 0's EngineCore and the other ranks' workers (tp_worker.py) both call `build_rank_model`, so that every
+collective in it (the pool size's agreement, warm-up forwards, CUDA graph captures) comes in the same order
+on every rank.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kiln.compiler.cache import cache_key, use_cache_dir
+from kiln.compiler.compiled_model import CompiledModel
+from kiln.compiler.cuda_graphs import probe_graph_memory
+from kiln.compiler.profile import Profile
+from kiln.models.config import ModelConfig
+from kiln.models.dummy import dummy_config_folder
+from kiln.models.gguf_q4 import GGUFQ4_1
+from kiln.models.loader import gguf_file, load_model, quantize_model, resolve_checkpoint
+from kiln.ops.tensor_parallel import TensorParallel
+from kiln.serving.engine.device import available_memory, resolve_quantization
+from kiln.serving.engine.kv_pool import KVPool
+from kiln.serving.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+
+
+def locate_checkpoint(args: ServerArgs) -> Path:
+    """The checkpoint folder: --model-path's (a GGUF converted once), or a dummy model's config folder."""
+    if args.load_format == "dummy":
+        return dummy_config_folder(args.model_path)
+    return resolve_checkpoint(args.model_path, Path(args.cache_dir))
+
+
+@dataclass
+class RankModel:
+    model: nn.Module
+    dtype: torch.dtype
+    quantization: str
+    quantized_layers: dict[str, int]
+    dummy_seed: int | None
+    context_len: int
+    max_running: int
+    pool: KVPool
+    graph_reserve: int
+    compiled: CompiledModel | None
+    profile: Profile
+    seconds: dict[str, float] = field(default_factory=dict)  # load, pool_sizing, compile, warm_up
+
+
+def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel, checkpoint: Path, cfg: ModelConfig, zeroed_pool: bool) -> RankModel:
+    t0 = time.monotonic()
+    dummy = args.load_format == "dummy"
+    free_before = available_memory(device)
+    path = None if dummy else gguf_file(args.model_path)
+    gguf = None if path is None else GGUFQ4_1(path)
+    quantization, dtype = resolve_quantization(args.torchao_config, args.dtype, device, gguf)
+    dummy_seed = args.random_seed if dummy else None
+    model = load_model(checkpoint, cfg, dtype, device, args.is_embedding, dummy_seed, tp=tp)
+    quantized = {} if quantization == "none" else quantize_model(model, cfg, quantization, dtype, gguf, tp=tp)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    t_load = time.monotonic()
+    log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", cfg.architectures[0], weights / 1e6, dtype, device, t_load - t0)
+
+    context_len = args.context_length or getattr(model, "max_tokens", cfg.max_position_embeddings)
+    profile = Profile.for_device(device.type, args.profile).narrowed(args.cuda_graph_max_bs)
+    kv_heads = tp.local_kv_heads(cfg.num_key_value_heads)
+    graph_reserve = 0
+    if device.type == "cuda" and not args.disable_compile and not args.disable_cuda_graph:
+        # The decode graphs share one memory pool, which the largest bucket sizes; a
+        # quarter more covers the compiled pieces' own buffers.
+        kv_shape = (cfg.num_hidden_layers, kv_heads, cfg.head_dim)
+        graph_reserve = int(1.25 * probe_graph_memory(model, kv_shape, dtype, max(profile.decode_batch_sizes)))
+        log.info("reserved %.0f MB for decode CUDA graphs before sizing the KV pool", graph_reserve / 1e6)
+    per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, kv_heads, cfg.head_dim, dtype)
+    num_slots = args.max_total_tokens
+    if num_slots is None:
+        # The --dp-size engines share this device's memory, and measured it free at the same time.
+        fraction = (args.mem_fraction_static or (0.85 if device.type == "cuda" else 0.3)) / args.dp_size
+        num_slots = _smallest(int((free_before * fraction - weights - graph_reserve) // per_token), tp)
+    if num_slots < 16:
+        raise RuntimeError(f"KV pool would hold only {num_slots} tokens; raise --mem-fraction-static or --max-total-tokens")
+    max_running = args.max_running_requests or (256 if device.type == "cuda" else 64)
+    pool = KVPool(num_slots, cfg.num_hidden_layers, kv_heads, cfg.head_dim, dtype, device, max_running, context_len, zeroed=zeroed_pool)
+    log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
+    t_pool = time.monotonic()
+    compiled = None if args.disable_compile else _compile(args, tp, cfg, quantization, dtype, device, profile, model, pool)
+    compile_s = compiled.stats.compile_seconds if compiled else 0.0
+    seconds = {"load": t_load - t0, "pool_sizing": t_pool - t_load, "compile": compile_s, "warm_up": time.monotonic() - t_pool - compile_s}
+    return RankModel(model, dtype, quantization, quantized, dummy_seed, context_len, max_running, pool, graph_reserve, compiled, profile, seconds)
+
+
+def _smallest(num_slots: int, tp: TensorParallel) -> int:
+    """Every rank's pool must hold the same slots (rank 0 hands them out for all): the least any rank has room for."""
+    if tp.size == 1:
+        return num_slots
+    t = torch.tensor([num_slots], dtype=torch.int64)
+    dist.all_reduce(t, dist.ReduceOp.MIN, group=tp.group)
+    return int(t.item())
+
+
+def _compile(
+    args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile,
+    model: nn.Module, pool: KVPool,
+) -> CompiledModel:
+    # A shard's shapes differ with the rank count (not with the rank): one cache per --tp-size.
+    sharding = {"kiln_tp_size": tp.size} if tp.size > 1 else {}
+    key = cache_key({**cfg.raw, "kiln_quantization": quantization, **sharding}, dtype, device, profile)
+    cache = Path(args.compile_cache_dir or Path(args.cache_dir) / "compile") / key
+    use_cache_dir(cache)
+    compiled = CompiledModel(model, profile, cuda_graphs=not args.disable_cuda_graph, trace_dir=cache)
+    log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
+    compiled.warm_up((pool.k, pool.v), pool.req_to_token)
+    return compiled
