@@ -92,6 +92,8 @@ class DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(LlamaForCausalLM):
     """Checkpoint names and fused q/k/v and gate/up loading are Llama's; the block differs."""
 
+    tensor_parallel = False  # its block is not sharded yet
+
     def __init__(self, cfg: ModelConfig):
         nn.Module.__init__(self)
         self.cfg = cfg

@@ -8,6 +8,7 @@ converter reorders Llama's q and k rows for its rotary layout; transformers undo
 when it de-quantizes, and so does this loader, on whole rows.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,12 @@ from torch import Tensor, nn
 from kiln.models.config import ModelConfig
 from kiln.models.quantize import replace_linear
 from kiln.ops.quant_linear import Int4Linear
+from kiln.ops.tensor_parallel import TensorParallel
+
+log = logging.getLogger(__name__)
 
 Q4_1_GROUP = 32
+Q4_1_BLOCK_BYTES = 20
 # Kiln module of each layer -> the GGUF tensors it fuses, in order.
 MODULES = {
     "self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
@@ -27,6 +32,11 @@ MODULES = {
     "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
     "mlp.down_proj": ("ffn_down",),
 }
+# GGUF tensor -> the checkpoint tensor the model's `shard_of` knows it by (within its layer).
+CHECKPOINT_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}  # fmt: skip
 
 
 class GGUFQ4_1:
@@ -61,21 +71,43 @@ def _llama_row_order(rows: int, heads: int) -> Tensor:
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).flatten()
 
 
-def load_q4_1(model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many."""
+def _shard_rows(raw: np.ndarray, model: nn.Module, name: str) -> np.ndarray | None:
+    """This tensor-parallel rank's part of a Q4_1 tensor [rows, blocks * 20 bytes]: whole rows for a
+    column-parallel weight, whole blocks of inputs for a row-parallel one; None where the inputs' shard does
+    not fall on block edges."""
+    shard = model.shard_of(name)
+    if shard is None:
+        return raw
+    if shard.dim == 0:
+        return raw[shard.start : shard.start + shard.length]
+    if shard.start % Q4_1_GROUP or shard.length % Q4_1_GROUP:
+        return None
+    first = shard.start // Q4_1_GROUP * Q4_1_BLOCK_BYTES
+    return raw[:, first : first + shard.length // Q4_1_GROUP * Q4_1_BLOCK_BYTES]
+
+
+def load_q4_1(model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.dtype, tp: TensorParallel = TensorParallel()) -> int:
+    """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many. A
+    tensor-parallel rank reads its shard's rows or input blocks only; a row-parallel shard that splits a
+    block stays dense (logged), for `quantize` to take."""
     tensors = gguf.tensors
-    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    head_parts = ("attn_q", "attn_k")
     replaced = 0
     for layer in range(cfg.num_hidden_layers):
         for module, parts in MODULES.items():
             found = [tensors.get(f"blk.{layer}.{part}.weight") for part in parts]
             if any(t is None for t in found):
                 continue
+            raws = [_shard_rows(t.data, model, f"layers.{layer}.{CHECKPOINT_NAMES[p]}.weight") for p, t in zip(parts, found)]
+            if any(raw is None for raw in raws):
+                log.info("layers.%d.%s: its rank-%d shard splits Q4_1 blocks, so it is loaded dense", layer, module, tp.rank)
+                continue
             groups = []
-            for part, tensor in zip(parts, found):
-                q, scale, zero = q4_1_groups(tensor.data)
-                if cfg.model_type == "llama" and part in heads:
-                    order = _llama_row_order(q.shape[0], heads[part])
+            for part, raw in zip(parts, raws):
+                q, scale, zero = q4_1_groups(raw)
+                if cfg.model_type == "llama" and part in head_parts:
+                    # The reordering stays within each head, and a shard holds whole heads.
+                    order = _llama_row_order(q.shape[0], q.shape[0] // cfg.head_dim)
                     q, scale, zero = q[order], scale[order], zero[order]
                 groups.append((q, scale, zero))
             name = f"layers.{layer}.{module}"

@@ -6,13 +6,14 @@ from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.pooling import span_rows
 from kiln.ops.linear import Linear
+from kiln.ops.tensor_parallel import TensorParallel
 
 
 class LlamaForSequenceClassification(LlamaForCausalLM):
-    """The decoder with `score` in place of the LM head."""
+    """The decoder with `score` in place of the LM head (whole on every tensor-parallel rank, as the hidden state is)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = TensorParallel()):
+        super().__init__(cfg, tp)
         del self.lm_head
         num_labels = cfg.raw.get("num_labels") or len(cfg.raw.get("id2label") or (0, 1))
         self.score = Linear(cfg.hidden_size, num_labels, bias=False)

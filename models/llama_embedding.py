@@ -6,13 +6,14 @@ from torch import Tensor
 
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM
+from kiln.ops.tensor_parallel import TensorParallel
 
 
 class LlamaEmbeddingModel(LlamaForCausalLM):
     """The decoder without its LM head; a checkpoint's lm_head, if any, is skipped."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = TensorParallel()):
+        super().__init__(cfg, tp)
         del self.lm_head
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:

@@ -17,7 +17,7 @@ from kiln.models.moe import SparseMoE
 from kiln.models.quantize import quantize
 from kiln.models.registry import model_class
 from kiln.models.rope import RotaryEmbedding
-from kiln.models.weights import ModelNotFoundError, iter_weights
+from kiln.models.weights import ModelNotFoundError, iter_weight_slices, iter_weights
 from kiln.ops.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,20 @@ def load_model(
     tp: TensorParallel = TensorParallel(),
 ) -> nn.Module:
     """Builds the model for cfg and reads folder's weights into it; with dummy_seed, reads nothing and fills the
-    weights at random from that seed instead (--load-format dummy)."""
+    weights at random from that seed instead (--load-format dummy). With tp.size > 1 it builds this rank's
+    shard and reads only that slice of each checkpoint tensor."""
+    cls = model_class(cfg, is_embedding)
+    if tp.size > 1 and not getattr(cls, "tensor_parallel", False):
+        raise ValueError(f"{cls.__name__} cannot run tensor-parallel yet (--tp-size {tp.size}); serve it with --tp-size 1")
     with torch.device("meta"):
-        model = model_class(cfg, is_embedding)(cfg)
+        model = cls(cfg) if tp.size == 1 else cls(cfg, tp=tp)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
     if dummy_seed is None:
-        model.load_weights(iter_weights(folder))
+        model.load_weights(iter_weights(folder) if tp.size == 1 else iter_weight_slices(folder))
     else:
-        init_dummy_weights(model, dummy_seed)
+        init_dummy_weights(model, dummy_seed, tp)
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset_tables()  # built on the meta device, and kept in float32
@@ -164,10 +168,12 @@ def quantize_model(
     model: nn.Module, cfg: ModelConfig, mode: str, dtype: torch.dtype, gguf: GGUFQ4_1 | None, tp: TensorParallel = TensorParallel()
 ) -> dict[str, int]:
     """Applies --torchao-config to a loaded model: a GGUF's Q4_1 projections go in as they are for
-    int4wo-32, the rest is quantized from the dense weights. Returns the layers per format."""
+    int4wo-32, the rest is quantized from the dense weights. Returns the layers per format. A tensor-parallel
+    rank quantizes its own shards: int4 groups run along the inputs, so a row-parallel shard whose inputs do
+    not hold whole groups takes int8 (per output row, so any split holds it)."""
     formats: dict[str, int] = {}
     if mode == "int4wo-32" and gguf is not None:
-        formats["int4wo-32 (GGUF Q4_1)"] = load_q4_1(model, gguf, cfg, dtype)
+        formats["int4wo-32 (GGUF Q4_1)"] = load_q4_1(model, gguf, cfg, dtype, tp)
     for fmt, count in quantize(model, mode, dtype).items():
         formats[fmt] = formats.get(fmt, 0) + count
     log.info("quantized linears (%s): %s", mode, ", ".join(f"{n} {fmt}" for fmt, n in formats.items()))

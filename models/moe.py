@@ -94,6 +94,8 @@ class DecoderLayer(nn.Module):
 class MoEForCausalLM(LlamaForCausalLM):
     """The shared skeleton; subclasses say which layers are sparse and how routing normalises."""
 
+    tensor_parallel = False  # experts are not sharded yet
+
     qk_norm = False
 
     def __init__(self, cfg: ModelConfig):
