@@ -108,8 +108,9 @@ def _compile(
     args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile,
     model: nn.Module, pool: KVPool,
 ) -> CompiledModel:
-    # A shard's shapes differ with the rank count (not with the rank): one cache per --tp-size.
-    sharding = {"kiln_tp_size": tp.size} if tp.size > 1 else {}
+    # A shard's shapes differ with the rank count, and its constants (its vocabulary rows, an uneven head split)
+    # with the rank: the saved trace skips Dynamo's guards, so each rank keeps a cache folder of its own.
+    sharding = {"kiln_tp_size": tp.size, "kiln_tp_rank": tp.rank} if tp.size > 1 else {}
     key = cache_key({**cfg.raw, "kiln_quantization": quantization, **sharding}, dtype, device, profile)
     cache = Path(args.compile_cache_dir or Path(args.cache_dir) / "compile") / key
     use_cache_dir(cache)
