@@ -9,10 +9,11 @@ when it de-quantizes, and so does this loader, on whole rows.
 """
 
 import logging
+import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 import torch
 from torch import Tensor, nn
 
@@ -40,20 +41,34 @@ CHECKPOINT_NAMES = {
 
 
 class GGUFQ4_1:
-    """A GGUF's Q4_1 tensors by name, read on first use and then kept: parsing the file takes seconds (2.8 s for
-    SmolLM2's, most of it the tokenizer's metadata), and both the default --torchao-config and the loading need them."""
+    """A GGUF's Q4_1 tensors by name (their raw blocks, uint8 [rows, blocks * 20]), read on first use and then
+    kept. Parsing the file takes seconds (2.8 s for SmolLM2's, most of it the tokenizer's metadata), so with a
+    `cache` file (beside the converted checkpoint, in safetensors' format but named apart from the weights the
+    loader reads) the tensors are written there once and later starts map that instead."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cache: Path | None = None):
         self.path = path
-        self._tensors: dict[str, Any] | None = None
+        self.cache = cache
+        self._tensors: dict[str, np.ndarray] | None = None
 
     @property
-    def tensors(self) -> dict[str, Any]:
+    def tensors(self) -> dict[str, np.ndarray]:
         if self._tensors is None:
-            from gguf import GGMLQuantizationType, GGUFReader
-
-            self._tensors = {t.name: t for t in GGUFReader(self.path).tensors if t.tensor_type == GGMLQuantizationType.Q4_1}
+            self._tensors = self._read()
         return self._tensors
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if self.cache is not None and self.cache.exists():
+            return load_file(self.cache)
+        from gguf import GGMLQuantizationType, GGUFReader
+
+        tensors = {t.name: np.asarray(t.data) for t in GGUFReader(self.path).tensors if t.tensor_type == GGMLQuantizationType.Q4_1}
+        if self.cache is not None:
+            # Written aside and renamed: tensor-parallel ranks may fill the same cache at once.
+            part = self.cache.with_name(f"{self.cache.name}.{os.getpid()}.part")
+            save_file(tensors, part)
+            os.replace(part, self.cache)
+        return tensors
 
 
 def q4_1_groups(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,7 +113,7 @@ def load_q4_1(model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.d
             found = [tensors.get(f"blk.{layer}.{part}.weight") for part in parts]
             if any(t is None for t in found):
                 continue
-            raws = [_shard_rows(t.data, model, f"layers.{layer}.{CHECKPOINT_NAMES[p]}.weight") for p, t in zip(parts, found)]
+            raws = [_shard_rows(t, model, f"layers.{layer}.{CHECKPOINT_NAMES[p]}.weight") for p, t in zip(parts, found)]
             if any(raw is None for raw in raws):
                 log.info("layers.%d.%s: its rank-%d shard splits Q4_1 blocks, so it is loaded dense", layer, module, tp.rank)
                 continue

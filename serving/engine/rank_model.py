@@ -58,7 +58,7 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     dummy = args.load_format == "dummy"
     free_before = available_memory(device)
     path = None if dummy else gguf_file(args.model_path)
-    gguf = None if path is None else GGUFQ4_1(path)
+    gguf = None if path is None else GGUFQ4_1(path, checkpoint / "q4_1.blocks")
     quantization, dtype = resolve_quantization(args.torchao_config, args.dtype, device, gguf)
     dummy_seed = args.random_seed if dummy else None
     model = load_model(checkpoint, cfg, dtype, device, args.is_embedding, dummy_seed, tp=tp)

@@ -4,6 +4,7 @@ model), and the perplexity of a fixed public-domain text (tests/data/alice.txt) 
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,3 +122,11 @@ def test_unknown_modes_and_updates_of_quantized_weights_are_refused(folder):
     assert core.dtype == torch.bfloat16  # quantized linears take bfloat16 activations unless --dtype says otherwise
     ok, message = core.weights.update(str(folder), None)
     assert not ok and "the served linears are quantized (int8wo); start the server with --torchao-config none" in message
+
+
+def test_the_q4_1_blocks_cache_holds_the_gguf_tensors(tmp_path):
+    cache = tmp_path / "q4_1.blocks"
+    parsed = GGUFQ4_1(default_model_path(), cache).tensors
+    cached = GGUFQ4_1(tmp_path / "absent.gguf", cache).tensors  # the file is not read again
+    assert len(parsed) == 30 * 7 and parsed.keys() == cached.keys()
+    assert all(np.array_equal(parsed[name], cached[name]) for name in parsed)
