@@ -108,13 +108,15 @@ def _compile(
     args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile,
     model: nn.Module, pool: KVPool,
 ) -> CompiledModel:
-    # A shard's shapes differ with the rank count, and its constants (its vocabulary rows, an uneven head split)
-    # with the rank: the saved trace skips Dynamo's guards, so each rank keeps a cache folder of its own.
-    sharding = {"kiln_tp_size": tp.size, "kiln_tp_rank": tp.rank} if tp.size > 1 else {}
+    # A shard's shapes differ with the rank count: one cache per --tp-size, which the ranks share (Inductor's
+    # keys tell their pieces apart).
+    sharding = {"kiln_tp_size": tp.size} if tp.size > 1 else {}
     key = cache_key({**cfg.raw, "kiln_quantization": quantization, **sharding}, dtype, device, profile)
     cache = Path(args.compile_cache_dir or Path(args.cache_dir) / "compile") / key
     use_cache_dir(cache)
-    compiled = CompiledModel(model, profile, cuda_graphs=not args.disable_cuda_graph, trace_dir=cache)
+    # A tensor-parallel trace is not saved: its guards hold the process group, which does not pickle (and its
+    # constants differ by rank). Its ranks trace at every start and load their pieces from the cache.
+    compiled = CompiledModel(model, profile, cuda_graphs=not args.disable_cuda_graph, trace_dir=cache if tp.size == 1 else None)
     log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
     compiled.warm_up((pool.k, pool.v), pool.req_to_token)
     return compiled
