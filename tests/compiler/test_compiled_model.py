@@ -201,18 +201,6 @@ def moe_engines(tmp_path_factory):
     return eager, compiled
 
 
-def test_a_warm_start_serves_from_the_saved_trace(engines):
-    """A second engine on the same cache folder loads Dynamo's trace and every piece instead of compiling,
-    and serves the same tokens."""
-    eager, compiled = engines
-    warm = EngineCore(compiled.args)
-    counters = warm.stats().compile
-    # (The cache counters are the process's, this test's cold engine included: test_warm_start.py checks them.)
-    assert counters["trace_loaded"] and counters["cpu_decode_kernels_loaded"] == 2
-    wave = [[("a", [5, 6, 7, 8], 5), ("b", list(range(1, 30)), 3)], [("c", [9], 4)]]
-    assert drive(warm, wave) == drive(eager, wave)
-
-
 def expert_counts(core: EngineCore) -> list[list[int]]:
     return [layer.mlp.expert_counts.tolist() for layer in core.model.layers if hasattr(layer.mlp, "expert_counts")]
 
