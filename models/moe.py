@@ -18,7 +18,6 @@ partial outputs are summed, and then all-reduced once.
 
 from collections.abc import Iterator
 
-
 import torch
 from torch import Tensor, nn
 
