@@ -68,8 +68,12 @@ class MLP(nn.Module):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
+        return all_reduce(self.partial(x), self.tp)
+
+    def partial(self, x: Tensor) -> Tensor:
+        """This rank's share of the output, before the all-reduce (an MoE layer sums it with its experts' in one)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return all_reduce(self.down_proj(self.activation(gate) * up), self.tp)
+        return self.down_proj(self.activation(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -9,7 +9,14 @@ may renormalise the top-k weights; Mixtral always renormalises them.
 Checkpoints store one tensor per expert (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
 `block_sparse_moe.experts.{e}.w1.weight`); Kiln stacks them into [E, 2I, H] and
 [E, H, I] parameters named as transformers 5 names its fused experts.
+
+Tensor parallel (`tp`): attention and the dense layers shard as Llama's; each expert's intermediate dimension
+splits over the ranks as the dense MLP's does (gate/up rows, down columns), while the router and its top-k stay
+whole on every rank, so every rank routes each token alike. The routed experts' and the shared expert's
+partial outputs are summed, and then all-reduced once.
 """
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -18,20 +25,37 @@ from kiln.models import llama
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM, RMSNorm
 from kiln.models.rope import RotaryEmbedding
+from kiln.models.weights import Shard
 from kiln.ops.attention import AttentionMetadata, attention
+from kiln.ops.collectives import all_reduce
 from kiln.ops.linear import Linear
 from kiln.ops.moe import moe
+from kiln.ops.tensor_parallel import TensorParallel
+from kiln.ops.vocab_parallel import VocabParallelEmbedding
 
 
 def num_experts(cfg: ModelConfig) -> int:
     return cfg.raw.get("num_experts") or cfg.raw["num_local_experts"]
 
 
+def expert_intermediate_size(cfg: ModelConfig) -> int:
+    return cfg.raw.get("moe_intermediate_size") or cfg.intermediate_size
+
+
+def expert_width(cfg: ModelConfig, tp: TensorParallel) -> range:
+    """This rank's share of every routed expert's intermediate dimension: equal on every rank, so that the
+    stacked expert tensors have one shape everywhere."""
+    size = expert_intermediate_size(cfg)
+    if size % tp.size:
+        raise ValueError(f"the experts' intermediate size {size} does not split evenly over {tp.size} tensor-parallel ranks")
+    return tp.split(size)
+
+
 class Attention(llama.Attention):
     """Llama's attention, with Qwen3's per-head q/k RMSNorm and Mixtral's sliding window where the config has them."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool, sliding_window: int):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool, sliding_window: int, tp: TensorParallel):
+        super().__init__(cfg, layer, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.sliding_window = sliding_window
@@ -44,7 +68,7 @@ class Attention(llama.Attention):
         q, k = rope(q, positions), rope(k, positions)
         v = v.view(-1, self.n_kv, self.head_dim)
         o = attention(q, k, v, kv, self.layer, meta, self.scale, sliding_window=self.sliding_window)
-        return self.o_proj(o.view(-1, self.q_size))
+        return all_reduce(self.o_proj(o.view(-1, self.q_size)), self.tp)
 
 
 class Experts(nn.Module):
@@ -55,23 +79,24 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, renormalize: bool, shared_expert_size: int):
+    def __init__(self, cfg: ModelConfig, renormalize: bool, shared_expert_size: int, tp: TensorParallel):
         super().__init__()
         count = num_experts(cfg)
-        self.top_k, self.renormalize = cfg.raw["num_experts_per_tok"], renormalize
-        self.gate = Linear(cfg.hidden_size, count, bias=False)  # the router
-        self.experts = Experts(count, cfg.hidden_size, cfg.raw.get("moe_intermediate_size") or cfg.intermediate_size)
+        self.top_k, self.renormalize, self.tp = cfg.raw["num_experts_per_tok"], renormalize, tp
+        self.gate = Linear(cfg.hidden_size, count, bias=False)  # the router, whole on every rank
+        self.experts = Experts(count, cfg.hidden_size, len(expert_width(cfg, tp)))
         # Tokens routed to each expert since the recorder last reset it; the op adds into it.
         self.register_buffer("expert_counts", torch.zeros(count, dtype=torch.int64), persistent=False)
-        self.shared_expert = llama.MLP(cfg, intermediate_size=shared_expert_size) if shared_expert_size else None
+        self.shared_expert = llama.MLP(cfg, intermediate_size=shared_expert_size, tp=tp) if shared_expert_size else None
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False) if shared_expert_size else None
 
     def forward(self, x: Tensor, num_tokens: Tensor) -> Tensor:
         e = self.experts
         out = moe(x, self.gate(x), e.gate_up_proj, e.down_proj, self.top_k, self.renormalize, num_tokens, self.expert_counts)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+            # The gate is one scalar per token, so scaling each rank's partial sum scales the whole.
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert.partial(x)
+        return all_reduce(out, self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -94,33 +119,34 @@ class DecoderLayer(nn.Module):
 class MoEForCausalLM(LlamaForCausalLM):
     """The shared skeleton; subclasses say which layers are sparse and how routing normalises."""
 
-    tensor_parallel = False  # experts are not sharded yet
-
     qk_norm = False
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = TensorParallel()):
         nn.Module.__init__(self)
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.cfg, self.tp = cfg, tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(self._layer(i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, tp.vocab_rows(cfg.vocab_size), bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
     def _layer(self, i: int) -> DecoderLayer:
-        cfg = self.cfg
-        attn = Attention(cfg, i, self.qk_norm, self.sliding_window())
+        cfg, tp = self.cfg, self.tp
+        attn = Attention(cfg, i, self.qk_norm, self.sliding_window(), tp)
         if self.is_sparse(i):
-            mlp = SparseMoE(cfg, self.renormalize(), cfg.raw.get("shared_expert_intermediate_size") or 0)
+            mlp = SparseMoE(cfg, self.renormalize(), self.shared_expert_size(), tp)
         else:
-            mlp = llama.MLP(cfg)
+            mlp = llama.MLP(cfg, tp=tp)
         return DecoderLayer(cfg, i, attn, mlp)
 
     def is_sparse(self, layer: int) -> bool:
         step = self.cfg.raw.get("decoder_sparse_step") or 1
         return layer not in (self.cfg.raw.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+
+    def shared_expert_size(self) -> int:
+        return self.cfg.raw.get("shared_expert_intermediate_size") or 0
 
     def renormalize(self) -> bool:
         return bool(self.cfg.raw.get("norm_topk_prob", False))
@@ -143,6 +169,30 @@ class MoEForCausalLM(LlamaForCausalLM):
             part = 0 if proj == "gate_proj" else 1
             return target, f"{expert}.{part}", params[target].data[expert, part * half : (part + 1) * half]
         return super().locate(name, params)
+
+    def shard_of(self, name: str) -> Shard | None:
+        """Llama's, but with each MLP's own width: a routed expert's, the shared expert's, a dense layer's."""
+        parts = name.split(".")
+        if self.tp.size == 1 or len(parts) < 3 or parts[-2] not in ("gate_proj", "up_proj", "down_proj"):
+            return super().shard_of(name)
+        if "experts" in parts:
+            width = expert_width(self.cfg, self.tp)
+        else:
+            width = self.tp.split(self.shared_expert_size() if "shared_expert" in parts else self.cfg.intermediate_size)
+        return Shard(1 if parts[-2] == "down_proj" else 0, width.start, len(width))
+
+    def checkpoint_tensors(self, name: str, tensor: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """Llama's, with the stacked experts split back into one checkpoint tensor per expert and projection."""
+        prefix, _, param = name.rpartition(".")
+        if not prefix.endswith(".experts"):
+            yield from super().checkpoint_tensors(name, tensor)
+            return
+        for e, weights in enumerate(tensor):
+            if param == "down_proj":
+                yield f"{prefix}.{e}.down_proj.weight", weights
+            else:
+                gate, up = weights.chunk(2)
+                yield from ((f"{prefix}.{e}.gate_proj.weight", gate), (f"{prefix}.{e}.up_proj.weight", up))
 
     def shards(self, name: str, param: Tensor) -> list[str]:
         if name.endswith("experts.gate_up_proj"):

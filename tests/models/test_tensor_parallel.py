@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, Qwen2ForSequenceClassification
 
 from kiln.models.loader import load_model, read_config, resolve_checkpoint
 from kiln.ops.tensor_parallel import TensorParallel
-from kiln.tests.models.tp_ranks import TINY_PROMPTS, Case, greedy, greedy_on_ranks, tiny_qwen2
+from kiln.tests.models.tp_ranks import TINY_PROMPTS, Case, greedy, greedy_on_ranks, tiny_moe, tiny_qwen2
 
 # Float32 logits of two ranks against one's: the row-parallel sums add in another order (SmolLM2 measured
 # 9e-5 at most over 12 tokens; the tiny models 2e-7).
@@ -36,6 +36,9 @@ def cases(tmp_path_factory) -> dict[str, Case]:
         "dummy": Case(kv2, TINY_PROMPTS, 12, dummy_seed=7),
         "embedding": Case(kv2, TINY_PROMPTS, 0, is_embedding=True),  # every prompt row's hidden state
         "reward": Case(tiny_qwen2(root / "reward", 2, tied=False, head=Qwen2ForSequenceClassification), TINY_PROMPTS, 0),
+        "qwen2-moe": Case(tiny_moe(root / "qwen2-moe", "qwen2-moe"), TINY_PROMPTS, 8),
+        "qwen3-moe": Case(tiny_moe(root / "qwen3-moe", "qwen3-moe"), TINY_PROMPTS, 8),
+        "moe-dummy": Case(root / "qwen2-moe", TINY_PROMPTS, 8, dummy_seed=7),
     }
 
 
@@ -44,7 +47,9 @@ def ranks(cases, tmp_path_factory):
     return greedy_on_ranks(cases, 2, tmp_path_factory.mktemp("ranks"))
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen2-kv2", "qwen2-kv1", "dummy", "embedding", "reward"])
+@pytest.mark.parametrize(
+    "name", ["smollm2", "qwen2-kv2", "qwen2-kv1", "dummy", "embedding", "reward", "qwen2-moe", "qwen3-moe", "moe-dummy"]
+)
 def test_two_ranks_give_one_ranks_tokens(cases, ranks, name):
     one = greedy(cases[name])
     two = ranks[0][name]
@@ -52,14 +57,32 @@ def test_two_ranks_give_one_ranks_tokens(cases, ranks, name):
     torch.testing.assert_close(two.logits, one.logits, atol=ATOL.get(name, TINY_ATOL), rtol=1e-5)
     # Every rank holds the full logits after the all-gather, bit for bit.
     assert torch.equal(ranks[1][name].logits, two.logits)
+    # The router is whole on every rank: each rank's expert counts (rank 0's are the recorder's) are one rank's.
+    if "moe" in name:
+        assert all(torch.equal(rank[name].expert_counts, one.expert_counts) for rank in ranks)
+
+
+TINY_CONFIG = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}  # fmt: skip
+
+
+def _load_on_rank_0_of_2(folder: Path, config: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(config))
+    load_model(folder, read_config(folder), torch.float32, torch.device("cpu"), dummy_seed=0, tp=TensorParallel(0, 2))
 
 
 def test_models_without_tensor_parallel_refuse_it(tmp_path):
+    config = {**TINY_CONFIG, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 16}
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM cannot run tensor-parallel"):
+        _load_on_rank_0_of_2(tmp_path, config)
+
+
+def test_experts_that_do_not_split_evenly_are_refused(tmp_path):
     config = {
-        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 128, "hidden_size": 64,
-        "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        **TINY_CONFIG, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 33,
     }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    cfg = read_config(tmp_path)
-    with pytest.raises(ValueError, match="Qwen2MoeForCausalLM cannot run tensor-parallel"):
-        load_model(tmp_path, cfg, torch.float32, torch.device("cpu"), dummy_seed=0, tp=TensorParallel(0, 2))
+    with pytest.raises(ValueError, match="intermediate size 33 does not split evenly over 2 tensor-parallel ranks"):
+        _load_on_rank_0_of_2(tmp_path, config)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from kiln.compiler.cache import use_cache_dir
 from kiln.compiler.compiled_model import CompiledModel
@@ -42,6 +42,34 @@ def tiny_qwen2(folder: Path, kv_heads: int, tied: bool, layers: int = 2, head: t
     return folder
 
 
+# Qwen2-MoE: a shared expert (its own width, 48) and a dense middle layer; Qwen3-MoE: q/k norms, renormalised
+# top-k, every other layer sparse. Each with 8 experts of width 32 (16 per rank).
+TINY_MOE = {
+    "qwen2-moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(shared_expert_intermediate_size=48, num_experts_per_tok=2, mlp_only_layers=[1])),
+    "qwen3-moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(num_experts_per_tok=4, norm_topk_prob=True, head_dim=16, decoder_sparse_step=2)),
+}  # fmt: skip
+
+
+def tiny_moe(folder: Path, name: str) -> Path:
+    """A 3-layer MoE of TINY_MOE with vocabulary 127 and decisive routing (router weights of std 0.5: a near
+    tie between two experts would let the ranks' summation order flip a choice)."""
+    config_cls, model_cls, extra = TINY_MOE[name]
+    torch.manual_seed(2)  # seeds 0 and 1 give Qwen2-MoE greedy runs of one repeated token
+    cfg = config_cls(
+        vocab_size=127, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra,
+    )  # fmt: skip
+    hf = model_cls(cfg)
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if pname.endswith("bias") or "norm" in pname:
+                p.normal_(1.0 if "norm" in pname else 0.0, 0.3)
+            elif pname.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(folder)
+    return folder
+
+
 @dataclass
 class Case:
     """One model to decode: a checkpoint folder (or a config folder with dummy_seed), and how to run it."""
@@ -60,6 +88,7 @@ class Result:
     tokens: list[list[int]]
     logits: Tensor  # [steps, requests, vocab] float32; for a pooled model, [1, prompt rows, hidden] or scores
     counters: dict[str, Any] = field(default_factory=dict)
+    expert_counts: Tensor | None = None  # [MoE layers, experts]: tokens each layer routed to each expert
 
 
 def greedy(case: Case, tp: TensorParallel = TensorParallel()) -> Result:
@@ -98,7 +127,8 @@ def greedy(case: Case, tp: TensorParallel = TensorParallel()) -> Result:
         for t, nxt in zip(tokens, logits[-1].argmax(-1)):
             t.append(int(nxt))
     counters = forward.counters() if isinstance(forward, CompiledModel) else {}
-    return Result(tokens, torch.stack(logits), counters)
+    experts = [layer.mlp.expert_counts.clone() for layer in getattr(model, "layers", []) if hasattr(layer.mlp, "expert_counts")]
+    return Result(tokens, torch.stack(logits), counters, torch.stack(experts) if experts else None)
 
 
 def _write(path: Path, text: str) -> Path:
