@@ -24,9 +24,9 @@ from torch._guards import TracingContext, tracing
 from torch._inductor.compile_fx import compile_fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._graph_pickler import GraphPickler
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx._graph_pickler import Options as GraphPicklerOptions
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.split_module import split_module
 
 from kiln.compiler.cuda_graphs import PieceGraph
