@@ -14,8 +14,10 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 
 from kiln.bench.common import machine, source_version, write_result
+from kiln.ops.quant_linear import Int4Linear, Int8Linear
 from kiln.serving.engine.core import EngineCore
 from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.messages import GenerateRequest
@@ -32,6 +34,19 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best
+
+
+def weight_bytes_read(model: nn.Module, rows: int) -> int:
+    """Bytes of weights a forward of `rows` rows reads: a quantized linear reads its packed weights, or its float32
+    copy from `dense_from_rows` rows up."""
+    total = 0
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(module, (Int4Linear, Int8Linear)) and module.dense is not None:
+            use_dense = rows >= module.dense_from_rows
+            own = [t for t in own if (t is module.dense) == use_dense or t is module.bias]
+        total += sum(t.numel() * t.element_size() for t in own)
+    return total
 
 
 def run_batch(core: EngineCore, batch: int, input_len: int, output_len: int, seed: int) -> tuple[float, list[float]]:
@@ -71,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         disable_compile=args.disable_compile, torchao_config=args.torchao_config,
     ))  # fmt: skip
     dtype = str(core.dtype).removeprefix("torch.")
-    # Quantized linears keep their weights in buffers.
-    weights = sum(t.numel() * t.element_size() for t in [*core.model.parameters(), *core.model.buffers()])
     per_token = KVPool.bytes_per_token(core.cfg.num_hidden_layers, core.cfg.num_key_value_heads, core.cfg.head_dim, core.dtype)
     run_batch(core, 2, 16, 4, seed=-1)  # first-call costs out of the timed runs
-    print(f"machine read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor); weights {weights / 1e6:.0f} MB in {dtype} (quantization {core.quantization}); KV {per_token} B/token")
+    weights = weight_bytes_read(core.model, 1)
+    print(
+        f"machine read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor); weights read at batch 1 {weights / 1e6:.0f} MB"
+        f" in {dtype} (quantization {core.quantization}); KV {per_token} B/token"
+    )
     print(f"\n{'batch':>5} {'prefill ms':>11} {'decode ms/step':>15} {'tok/s':>8} {'GB/step':>8} {'GB/s':>7} {'of machine':>11} {'bound tok/s':>12}")
     rows = []
     for b in batches:
@@ -83,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         step = sum(steps) / len(steps)
         # Step j of decode attends over input_len + j tokens per request; the mean over the steps:
         kv = b * per_token * (args.input_len + (len(steps) + 1) / 2)
-        moved = weights + kv
+        moved = weight_bytes_read(core.model, b) + kv
         row = {
             "batch": b,
             "prefill_ms": prefill * 1000,

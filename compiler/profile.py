@@ -18,6 +18,8 @@ class Profile:
     inductor: dict[str, Any] = field(default_factory=dict)
     # On CUDA, prefill buckets up to this many tokens also get piecewise CUDA graphs.
     piece_graph_max_tokens: int = 0
+    # Quantized linears run batches of at least this many rows on a float32 copy of their weights (0: never).
+    quantized_dense_from_rows: int = 0
     source: str = ""  # the file's text, part of the compile-cache key
 
     @classmethod
@@ -30,7 +32,7 @@ class Profile:
             raise ValueError(f"{path}: bucket sizes must be at least 1")
         return cls(
             tuple(decode), tuple(prefill), int(b["chunked_prefill_size"]), dict(data.get("inductor", {})),
-            int(b.get("piece_graph_max_tokens", 0)), text,
+            int(b.get("piece_graph_max_tokens", 0)), int(data.get("quantized", {}).get("dense_from_rows", 0)), text,
         )  # fmt: skip
 
     @classmethod

@@ -101,7 +101,9 @@ def _shard_rows(raw: np.ndarray, model: nn.Module, name: str) -> np.ndarray | No
     return raw[:, first : first + shard.length // Q4_1_GROUP * Q4_1_BLOCK_BYTES]
 
 
-def load_q4_1(model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.dtype, tp: TensorParallel = TensorParallel()) -> int:
+def load_q4_1(
+    model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.dtype, tp: TensorParallel = TensorParallel(), dense_from_rows: int = 0
+) -> int:
     """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many. A
     tensor-parallel rank reads its shard's rows or input blocks only; a row-parallel shard that splits a
     block stays dense (logged), for `quantize` to take."""
@@ -131,6 +133,6 @@ def load_q4_1(model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.d
             if q.shape != dense.weight.shape:
                 raise ValueError(f"{gguf.path.name}: {name} is {tuple(q.shape)} in the GGUF but {tuple(dense.weight.shape)} in the model")
             bias = None if dense.bias is None else dense.bias.detach()
-            replace_linear(model, name, Int4Linear(q, scale, zero, bias, dtype))
+            replace_linear(model, name, Int4Linear(q, scale, zero, bias, dtype, dense_from_rows))
             replaced += 1
     return replaced

@@ -34,8 +34,9 @@ def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def quantize(model: nn.Module, mode: str, dtype: torch.dtype) -> dict[str, int]:
-    """Quantizes the dense linears in place; returns how many went to each format."""
+def quantize(model: nn.Module, mode: str, dtype: torch.dtype, dense_from_rows: int = 0) -> dict[str, int]:
+    """Quantizes the dense linears in place; returns how many went to each format. dense_from_rows: see
+    ops/quant_linear.py."""
     group = int(mode.split("-")[1]) if mode.startswith("int4wo") else 0
     formats: dict[str, int] = {}
     for name, module in list(model.named_modules()):
@@ -46,9 +47,9 @@ def quantize(model: nn.Module, mode: str, dtype: torch.dtype) -> dict[str, int]:
             continue
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
         if group and is_projection and int4_fits(*weight.shape, group):
-            new, fmt = Int4Linear(*int4_weights(weight, group), bias, dtype), f"int4wo-{group}"
+            new, fmt = Int4Linear(*int4_weights(weight, group), bias, dtype, dense_from_rows), f"int4wo-{group}"
         elif int8_fits(*weight.shape):
-            new, fmt = Int8Linear(*int8_weights(weight), bias, dtype), "int8wo"
+            new, fmt = Int8Linear(*int8_weights(weight), bias, dtype, dense_from_rows), "int8wo"
         else:
             formats["dense"] = formats.get("dense", 0) + 1
             continue

@@ -37,14 +37,14 @@ _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
-def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def cpu_float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x: [T, in]; weight: [out, in] -> [T, out]."""
-    if x.shape[0] <= _MKL_MAX_ROWS:
+    if x.shape[0] <= _MKL_MAX_ROWS or not _HAS_ONEDNN:
         return torch.ops.aten.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [None], "")
 
 
-_lib.impl("linear", _cpu_linear, "CPU")
+_lib.impl("linear", cpu_float32_linear, "CPU")
 
 
 @torch.library.register_fake("kiln::linear")

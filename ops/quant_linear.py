@@ -13,23 +13,47 @@ Both run as custom ops (`kiln::linear_int8`, `kiln::linear_int4`), opaque to Dyn
 `kiln::linear` is: compiled pieces call them as they are. Scales and zeros are kept in
 the activations' dtype, which the kernels require. CPU only: on CUDA the packed
 layouts differ.
+
+The packed kernels win only at few rows. From a few dozen rows up (prefill chunks,
+large decode batches) the GEMM is bound by arithmetic, and torch's int4 and int8
+kernels run at half the speed of a float32 GEMM (SmolLM2's projections on a 2-vCPU
+AVX-512 Xeon, 30 layers: 32 rows 104 ms int4 against 82 float32; 2,048 rows 4.7 s
+against 2.4). So a layer built with `dense_from_rows` also keeps its weight
+de-quantized in float32, exactly as the kernel sees it, and the op sends batches of at
+least that many rows to `kiln::linear`'s float32 GEMM. The copy costs 4 bytes a weight.
 """
 
 import torch
 from torch import Tensor, nn
 
+from kiln.ops.linear import cpu_float32_linear
+
 _lib = torch.library.Library("kiln", "FRAGMENT")
-_lib.define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor")
-_lib.define("linear_int4(Tensor x, Tensor packed, Tensor scales_zeros, int group_size, Tensor? bias) -> Tensor")
+_lib.define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, Tensor? dense, int dense_from_rows) -> Tensor")
+_lib.define(
+    "linear_int4(Tensor x, Tensor packed, Tensor scales_zeros, int group_size, Tensor? bias, Tensor? dense, int dense_from_rows) -> Tensor"
+)
 
 
-def _linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales)
+def _dense(x: Tensor, dense: Tensor) -> Tensor:
+    return cpu_float32_linear(x.float(), dense, None).to(x.dtype)
+
+
+def _linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None, dense: Tensor | None, dense_from_rows: int) -> Tensor:
+    if dense is not None and x.shape[0] >= dense_from_rows:
+        out = _dense(x, dense)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales)
     return out if bias is None else out + bias
 
 
-def _linear_int4(x: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_zeros)
+def _linear_int4(
+    x: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int, bias: Tensor | None, dense: Tensor | None, dense_from_rows: int
+) -> Tensor:
+    if dense is not None and x.shape[0] >= dense_from_rows:
+        out = _dense(x, dense)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_zeros)
     return out if bias is None else out + bias
 
 
@@ -38,12 +62,12 @@ _lib.impl("linear_int4", _linear_int4, "CPU")
 
 
 @torch.library.register_fake("kiln::linear_int8")
-def _(x, weight, scales, bias):
+def _(x, weight, scales, bias, dense, dense_from_rows):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("kiln::linear_int4")
-def _(x, packed, scales_zeros, group_size, bias):
+def _(x, packed, scales_zeros, group_size, bias, dense, dense_from_rows):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
@@ -77,8 +101,8 @@ def int4_weights(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tenso
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None, dtype: torch.dtype):
-        """q: int8 [out, in]; scales: [out]; w = q * scale."""
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None, dtype: torch.dtype, dense_from_rows: int = 0):
+        """q: int8 [out, in]; scales: [out]; w = q * scale. dense_from_rows > 0 keeps a float32 copy for that many rows and more."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         if not int8_fits(self.out_features, self.in_features):
@@ -86,14 +110,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.dense_from_rows = dense_from_rows
+        self.register_buffer("dense", q.float() * self.scales.float()[:, None] if dense_from_rows else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.kiln.linear_int8(x, self.weight_int8, self.scales, self.bias)
+        return torch.ops.kiln.linear_int8(x, self.weight_int8, self.scales, self.bias, self.dense, self.dense_from_rows)
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, dtype: torch.dtype):
-        """q: [out, in] values 0..15; scale, zero: [out, in / group]; w = (q - 8) * scale + zero."""
+    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, dtype: torch.dtype, dense_from_rows: int = 0):
+        """q: [out, in] values 0..15; scale, zero: [out, in / group]; w = (q - 8) * scale + zero.
+        dense_from_rows > 0 keeps a float32 copy for that many rows and more."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = q.shape[1] // scale.shape[1]
@@ -103,6 +130,15 @@ class Int4Linear(nn.Module):
         # The kernel's layout: [in / group, out, (scale, zero)].
         self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.dense_from_rows = dense_from_rows
+        self.register_buffer("dense", _int4_dense(q, scale.to(dtype), zero.to(dtype)) if dense_from_rows else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.kiln.linear_int4(x, self.packed, self.scales_zeros, self.group_size, self.bias)
+        return torch.ops.kiln.linear_int4(x, self.packed, self.scales_zeros, self.group_size, self.bias, self.dense, self.dense_from_rows)
+
+
+def _int4_dense(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """The float32 weights the int4 kernel computes with: its scales and zeros in the activations' dtype."""
+    out_features, in_features = q.shape
+    groups = q.float().view(out_features, scale.shape[1], -1)
+    return ((groups - 8) * scale.float()[..., None] + zero.float()[..., None]).view(out_features, in_features)

@@ -83,7 +83,7 @@ class EngineCore:
         t_build = time.monotonic()
         built = build_rank_model(args, self.device, tp, self.checkpoint, self.cfg, zeroed_pool=self.device.type == "cpu" and self._overlaps())
         self.model, self.dtype, self.pool, self.compiled = built.model, built.dtype, built.pool, built.compiled
-        self.quantization, self.quantized_layers = built.quantization, built.quantized_layers
+        self.quantization, self.quantized_layers, self.quantized_dense_from_rows = built.quantization, built.quantized_layers, built.quantized_dense_from_rows
         self.context_len, self.max_running, self.graph_reserve = built.context_len, built.max_running, built.graph_reserve
         self.expert_recorder = None
         if args.expert_distribution_recorder_mode:
@@ -153,7 +153,7 @@ class EngineCore:
             dtype_resolved=str(self.dtype).removeprefix("torch."),
             device_resolved=str(self.device),
             startup_seconds=self.startup,
-            quantization={"mode": self.quantization, "layers": self.quantized_layers},
+            quantization={"mode": self.quantization, "layers": self.quantized_layers, "dense_from_rows": self.quantized_dense_from_rows},
         )
 
     def stats(self) -> EngineStats:

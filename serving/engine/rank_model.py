@@ -43,6 +43,7 @@ class RankModel:
     dtype: torch.dtype
     quantization: str
     quantized_layers: dict[str, int]
+    quantized_dense_from_rows: int
     dummy_seed: int | None
     context_len: int
     max_running: int
@@ -62,13 +63,14 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     quantization, dtype = resolve_quantization(args.torchao_config, args.dtype, device, gguf)
     dummy_seed = args.random_seed if dummy else None
     model = load_model(checkpoint, cfg, dtype, device, args.is_embedding, dummy_seed, tp=tp)
-    quantized = {} if quantization == "none" else quantize_model(model, cfg, quantization, dtype, gguf, tp=tp)
+    profile = Profile.for_device(device.type, args.profile).narrowed(args.cuda_graph_max_bs)
+    dense_from_rows = 0 if quantization == "none" else _dense_from_rows(model, profile, free_before)
+    quantized = {} if quantization == "none" else quantize_model(model, cfg, quantization, dtype, gguf, tp, dense_from_rows)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     t_load = time.monotonic()
     log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", cfg.architectures[0], weights / 1e6, dtype, device, t_load - t0)
 
     context_len = args.context_length or getattr(model, "max_tokens", cfg.max_position_embeddings)
-    profile = Profile.for_device(device.type, args.profile).narrowed(args.cuda_graph_max_bs)
     kv_heads = tp.local_kv_heads(cfg.num_key_value_heads)
     graph_reserve = 0
     if device.type == "cuda" and not args.disable_compile and not args.disable_cuda_graph:
@@ -92,7 +94,19 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     compiled = None if args.disable_compile else _compile(args, tp, cfg, quantization, dtype, device, profile, model, pool)
     compile_s = compiled.stats.compile_seconds if compiled else 0.0
     seconds = {"load": t_load - t0, "pool_sizing": t_pool - t_load, "compile": compile_s, "warm_up": time.monotonic() - t_pool - compile_s}
-    return RankModel(model, dtype, quantization, quantized, dummy_seed, context_len, max_running, pool, graph_reserve, compiled, profile, seconds)
+    return RankModel(
+        model, dtype, quantization, quantized, dense_from_rows, dummy_seed, context_len, max_running, pool, graph_reserve, compiled, profile, seconds
+    )
+
+
+def _dense_from_rows(model: nn.Module, profile: Profile, free: int) -> int:
+    """The profile's row count for float32 copies of quantized weights, or 0 when the copies (at most every
+    weight of the model in float32) would take more than a quarter of the memory free at the start."""
+    copies = 4 * sum(p.numel() for p in model.parameters())
+    if profile.quantized_dense_from_rows and copies > free // 4:
+        log.info("no float32 copies of the quantized weights: %.1f GB would not fit in a quarter of %.1f GB free", copies / 1e9, free / 1e9)
+        return 0
+    return profile.quantized_dense_from_rows
 
 
 def _smallest(num_slots: int, tp: TensorParallel) -> int:

@@ -62,11 +62,15 @@ def test_q4_1_projections_are_the_gguf_weights_exactly(folder):
             assert torch.equal(layer(torch.eye(layer.in_features)).t(), want), name
 
 
-def test_packed_q4_1_computes_transformers_function(folder, hf, kv_pool):
+@pytest.mark.parametrize("dense_from_rows", [0, 32], ids=["packed", "float32-copies"])
+def test_packed_q4_1_computes_transformers_function(folder, hf, kv_pool, dense_from_rows):
+    """Over 32 tokens, so that with `dense_from_rows` 32 the prompt runs on the float32 copies."""
     cfg = read_config(folder)
     model = load_model(folder, cfg, torch.float32, torch.device("cpu"))
-    load_q4_1(model, GGUFQ4_1(default_model_path()), cfg, torch.float32)  # the projections only; the head stays dense
-    ids = AutoTokenizer.from_pretrained(folder)("The rabbit-hole went straight on like a tunnel for some way").input_ids
+    load_q4_1(model, GGUFQ4_1(default_model_path()), cfg, torch.float32, dense_from_rows=dense_from_rows)  # projections; dense head
+    text = "The rabbit-hole went straight on like a tunnel for some way, and then dipped suddenly down, so suddenly that Alice had not a moment to think about stopping herself before"
+    ids = AutoTokenizer.from_pretrained(folder)(text).input_ids
+    assert len(ids) >= 32
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(logits(model, ids, kv_pool, torch.float32), want, atol=2e-4, rtol=1e-4)
@@ -75,7 +79,7 @@ def test_packed_q4_1_computes_transformers_function(folder, hf, kv_pool):
 def test_default_int4_server_gives_transformers_greedy_tokens(folder, hf):
     """The whole int4wo-32 configuration (Q4_1 projections, int8 head) in float32 activations, through the engine."""
     core = EngineCore(ServerArgs(dtype="float32", torchao_config="int4wo-32", max_total_tokens=2048, disable_compile=True))
-    assert core.engine_info().quantization == {"mode": "int4wo-32", "layers": {"int4wo-32 (GGUF Q4_1)": 120, "int8wo": 1}}
+    assert core.engine_info().quantization == {"mode": "int4wo-32", "layers": {"int4wo-32 (GGUF Q4_1)": 120, "int8wo": 1}, "dense_from_rows": 32}
     assert isinstance(core.model.lm_head, Int8Linear) and not isinstance(core.model.embed_tokens, Int8Linear)
     tok = AutoTokenizer.from_pretrained(folder)
     prompts = ["The capital of France is", "def fibonacci(n):", "Alice was beginning to get very tired of"]
