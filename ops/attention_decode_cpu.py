@@ -102,5 +102,4 @@ def prepare_decode(q: Tensor, k_cache: Tensor) -> int:
     in the model's dtype; k_cache one layer of the pool."""
     t0 = time.time()
     fn = _kernel(q, k_cache)
-    library = getattr(fn, "__self__", None)  # the extension module, whose file is the built library
-    return int(library is not None and os.path.getmtime(library.__file__) < t0)
+    return int(os.path.getmtime(fn.__self__.__file__) < t0)  # its module's file is the built library
