@@ -46,7 +46,8 @@ def _build(key: tuple[object, ...]) -> Callable[..., None]:
     if q_dtype not in _CPP_TYPES or kv_dtype not in _CPP_TYPES or heads % kv_heads:
         raise ValueError(f"CPU decode attention has no kernel for {heads} heads over {kv_heads} KV heads, q {q_dtype}, K/V {kv_dtype}")
     head = (
-        "#include <torch/csrc/inductor/cpp_prefix.h>\n"
+        # cpp_prefix.h includes at::vec only when Inductor picked a vector ISA; a CPU without one gets its scalar form.
+        "#include <torch/csrc/inductor/cpp_prefix.h>\n#include <ATen/cpu/vec/functional.h>\n"
         f"using q_t = {_CPP_TYPES[q_dtype]};\nusing kv_t = {_CPP_TYPES[kv_dtype]};\n"
         f"constexpr int64_t KVH = {kv_heads}, G = {heads // kv_heads}, D = {dim};\n"
     )
