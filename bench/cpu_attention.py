@@ -1,6 +1,6 @@
 """CPU decode attention: the in-place kernel of compiled models against the eager gather + SDPA one.
 
-    kiln bench cpu-attention [--batch-sizes 1,8,32] [--context 1000] [--heads 9] [--kv-heads 3] [--head-dim 64]
+    kiln bench cpu-attention [--batch-sizes 1,8,32] [--context 200,1000] [--heads 9] [--kv-heads 3] [--head-dim 64]
 
 A pool with each request's slots scattered at random, SmolLM2's head shape by default, bfloat16 K/V. Both
 kernels are checked against each other, then timed interleaved (this VM's speed drifts), medians of rounds.
@@ -52,7 +52,7 @@ def bench_batch(batch: int, context: int, heads: int, kv_heads: int, head_dim: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kiln bench cpu-attention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,8,32")
-    ap.add_argument("--context", type=int, default=1000)
+    ap.add_argument("--context", default="200,1000", help="tokens per request, comma-separated")
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -63,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = memory_bandwidth() / 1e9
     print(f"this machine reads {bandwidth:.1f} GB/s (sum of a 1 GiB tensor)")
     results = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        r = bench_batch(batch, args.context, args.heads, args.kv_heads, args.head_dim, args.rounds, args.seconds)
-        results.append(r)
-        print(
-            f"batch {batch:3d} x {args.context} tokens: gather + SDPA {r['sdpa_ms']:.3f} ms, in place {r['in_place_ms']:.3f} ms "
-            f"({r['sdpa_ms'] / r['in_place_ms']:.2f}x), K/V read at {r['in_place_kv_gbs']:.1f} GB/s ({r['in_place_kv_gbs'] / bandwidth:.0%} of the machine's)"
-        )
+    for context in (int(c) for c in args.context.split(",")):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            r = bench_batch(batch, context, args.heads, args.kv_heads, args.head_dim, args.rounds, args.seconds)
+            results.append(r)
+            print(
+                f"batch {batch:3d} x {context} tokens: gather + SDPA {r['sdpa_ms']:.3f} ms, in place {r['in_place_ms']:.3f} ms "
+                f"({r['sdpa_ms'] / r['in_place_ms']:.2f}x), K/V read at {r['in_place_kv_gbs']:.1f} GB/s ({r['in_place_kv_gbs'] / bandwidth:.0%} of the machine's)"
+            )
     result = {"benchmark": "cpu_attention", "read_gbs": bandwidth, "results": results, "machine": machine(), "source": source_version()}
     write_result(result, "cpu_attention.json", args.out)
     return 0

@@ -98,7 +98,7 @@ class CompiledModel:
                     piece.precompile(size)
             for heads, dim, scale, window, cap in self.stats.decode_kinds:
                 q = torch.zeros(heads, dim, dtype=kv[0].dtype)
-                self.decode_kernels_loaded += prepare_decode(q, kv[0][0], kv[1][0], None if self.trace_file is None else self.trace_file.parent)
+                self.decode_kernels_loaded += prepare_decode(q, kv[0][0])
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self._run, kv, req_to_token)

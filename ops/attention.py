@@ -7,7 +7,7 @@ request has at most one new token, else `kiln::extend_attention`. Each of those
 ops has a plain-torch kernel (CPU, `attention_torch.py`) and, where Triton is
 installed, a Triton kernel for CUDA (`attention_triton.py`); every op picks by
 device from one table. Both are tested against `attention_ref.py`. A compiled
-model on the CPU decodes with `attention_decode_cpu.py` instead, Inductor's
+model on the CPU decodes with `attention_decode_cpu.py` instead, a C++
 kernel that reads K/V in place (the compiler sets `inplace_decode`).
 
 Batch layout: the T query rows are the requests' new tokens back to back
@@ -189,7 +189,7 @@ def _attention(
     inplace_decode: bool = False,
 ) -> Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [layers, slots, KVH, D]. Returns [T, H, D].
-    `inplace_decode`: on the CPU, decode with Inductor's kernel over the pool (set by the compiler)."""
+    `inplace_decode`: on the CPU, decode with the C++ kernel over the pool (set by the compiler)."""
     # The kernels are called directly rather than through the three ops above: on the
     # CPU, nested custom-op dispatch costs about as much as decode attention itself.
     store, decode, extend = _kernels(q)

@@ -1,60 +1,66 @@
-"""Decode attention that reads the slot pool in place on the CPU: Inductor's fused kernel, for compiled models.
+"""Decode attention that reads the slot pool in place on the CPU: a C++ kernel, for compiled models.
 
 `decode_torch` gathers each request's K/V out of the pool (and, without native bfloat16, converts them to
-float32) before SDPA: at batch 32 over 1,000 tokens that copying is most of the attention time. Written as
-plain torch math over `k_cache[slots]`, Inductor turns the gather, the dot products, the masked softmax and
-the weighted sum into one C++ loop nest that loads K/V rows straight from the pool and upcasts them in
-registers. The compiler lowers `kiln::attention` to it (see compiler/piecewise.py); eager models keep SDPA,
-since compiling it costs seconds that `--disable-compile` users asked not to pay.
+float32) before SDPA: at batch 32 over 1,000 tokens that copying is most of the attention time. The kernel in
+attention_decode_cpu.cpp loads each K/V row straight from the pool, converts it in registers and uses it for
+every query head of its group at once, with an online softmax over blocks of keys and a request's context
+split into chunks when there are fewer (request, KV head) pairs than threads want. An earlier version written
+as torch math for Inductor ran 3-10x slower (`kiln bench cpu-attention`'s shapes): Inductor's loop nest dotted
+each K row once per query head, in vectors with a horizontal sum each.
 
-Two compiled variants per dtype and head shape serve every batch and context width with no recompile (below);
-the width is padded to at least 2, as Dynamo specialises a size of 1.
+The compiler lowers `kiln::attention` to it (see compiler/piecewise.py); eager models keep SDPA. One build per
+dtype and head shape serves every batch and context width. It is built by Inductor's C++ toolchain (the flags
+and vector ISA Inductor picks for this CPU) into Inductor's cache, which a server points at its compile cache
+folder: a warm start loads the built library instead of compiling it.
 """
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch._inductor.codecache import CppPythonBindingsCodeCache
 
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_CPP_TYPES = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
+_ARG_TYPES = [
+    *("const q_t*", "const kv_t*", "const kv_t*", "const int32_t*", "const int64_t*", "const int64_t*", "q_t*", "float*"),
+    *("int64_t", "int64_t", "int64_t", "int64_t", "float", "int64_t", "float"),
+]
+# The kernel merges a request's chunks with a fixed-size array (attention_decode_cpu.cpp); a chunk under 32
+# keys would be shorter than one block of scores.
+_MAX_CHUNKS, _MIN_CHUNK = 64, 32
 
-def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, seq_lens: Tensor, scale: Tensor, sliding_window: Tensor, logit_cap: Tensor) -> Tensor:
-    """q: [B, H, D]; caches: [slots, KVH, D]; slots: [B, W] int64 (pool rows, 0 past a request's length).
-    The per-layer constants come as 0-d tensors: as Python numbers each value would be a compiled variant."""
-    batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    q = q.float().view(batch, 1, kv_heads, heads // kv_heads, dim)
-    scores = (q * k_cache[slots].float()[:, :, :, None, :]).sum(-1) * scale  # [B, W, KVH, G]
-    scores = torch.where(logit_cap > 0, logit_cap * torch.tanh(scores / logit_cap), scores)
-    lens = seq_lens[:, None]
-    pos = torch.arange(slots.shape[1], device=q.device)[None, :]
-    seen = (pos < lens) & ((sliding_window <= 0) | (pos >= lens - sliding_window))
-    seen |= (pos == 0) & (lens == 0)  # an empty (padding) request sees slot 0, not nothing (NaN), and is zeroed below
-    probs = scores.masked_fill(~seen[:, :, None, None], float("-inf")).softmax(dim=1)
-    # Slots past a request's length may hold anything, NaN included, and 0 * NaN is NaN: masked, not multiplied.
-    values = v_cache[slots].float().masked_fill(~seen[:, :, None, None], 0)[:, :, :, None, :]
-    out = (probs[..., None] * values).sum(1)  # [B, KVH, G, D]
-    return out.masked_fill((seq_lens == 0)[:, None, None, None], 0).reshape(batch, heads, dim)
-
-
-# Inductor runs the outermost loop, the requests, in parallel: for one request that is one thread, so one
-# request gets its own variant with static sizes (except the pool's and the width), where it splits the
-# keys and heads instead.
-_one_request = torch.compile(_decode, dynamic=False, fullgraph=True)
-_any_batch = torch.compile(_decode, dynamic=True, fullgraph=True)
-
-# Variant key -> the variant traced ahead of time (aot_compile) and saved in the compile cache folder, which
-# warm-up loads instead of tracing again. Held here because the op that calls them takes only tensors.
-_saved: dict[tuple[object, ...], Callable[..., Tensor]] = {}
+# (q dtype, heads, head dim, KV heads, pool dtype) -> the built kernel. Held here because the op that calls
+# it takes only tensors.
+_kernels: dict[tuple[object, ...], Callable[..., None]] = {}
 
 
 def _variant(q: Tensor, k_cache: Tensor) -> tuple[object, ...]:
-    return (q.shape[0] == 1, q.dtype, q.shape[1], q.shape[2], k_cache.shape[1], k_cache.dtype)
+    return (q.dtype, q.shape[-2], q.shape[-1], k_cache.shape[1], k_cache.dtype)
 
 
-def _mark_one_request_dynamic(slots: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
-    for t, dim in ((slots, 1), (k_cache, 0), (v_cache, 0)):
-        torch._dynamo.mark_dynamic(t, dim)
+def _build(key: tuple[object, ...]) -> Callable[..., None]:
+    q_dtype, heads, dim, kv_heads, kv_dtype = key
+    if q_dtype not in _CPP_TYPES or kv_dtype not in _CPP_TYPES or heads % kv_heads:
+        raise ValueError(f"CPU decode attention has no kernel for {heads} heads over {kv_heads} KV heads, q {q_dtype}, K/V {kv_dtype}")
+    head = (
+        # cpp_prefix.h includes at::vec only when Inductor picked a vector ISA; a CPU without one gets its scalar form.
+        "#include <torch/csrc/inductor/cpp_prefix.h>\n#include <ATen/cpu/vec/functional.h>\n"
+        f"using q_t = {_CPP_TYPES[q_dtype]};\nusing kv_t = {_CPP_TYPES[kv_dtype]};\n"
+        f"constexpr int64_t KVH = {kv_heads}, G = {heads // kv_heads}, D = {dim};\n"
+    )
+    return CppPythonBindingsCodeCache.load_pybinding(_ARG_TYPES, head + _SOURCE.read_text())
+
+
+def _kernel(q: Tensor, k_cache: Tensor) -> Callable[..., None]:
+    key = _variant(q, k_cache)
+    fn = _kernels.get(key)
+    if fn is None:
+        fn = _kernels[key] = _build(key)
+    return fn
 
 
 def decode_inplace(
@@ -68,44 +74,34 @@ def decode_inplace(
     sliding_window: int,
     logit_cap: float,
 ) -> Tensor:
-    """decode_torch's contract (row b is request b's one new token), reading K/V where they lie."""
-    width = max(int(seq_lens.max()), 2)
-    slots = req_to_token[req_indices, :width].long()
-    consts = (torch.tensor(scale), torch.tensor(sliding_window), torch.tensor(logit_cap))
-    fn = _saved.get(_variant(q, k_cache))
-    if fn is None and q.shape[0] > 1:
-        fn = _any_batch
-    elif fn is None:
-        _mark_one_request_dynamic(slots, k_cache, v_cache)
-        fn = _one_request
-    return fn(q, k_cache, v_cache, slots, seq_lens, *consts).to(q.dtype)
+    """decode_torch's contract (row b is request b's one new token), reading K/V where they lie: q [B, H, D];
+    caches [slots, KVH, D], rows contiguous; req_to_token int32."""
+    if req_to_token.dtype != torch.int32 or req_to_token.stride(1) != 1 or req_indices.dtype != torch.int64 or seq_lens.dtype != torch.int64:
+        raise ValueError("CPU decode attention reads an int32 slot table with contiguous rows, int64 request rows and lengths")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("CPU decode attention reads contiguous K/V caches")
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    threads = torch.get_num_threads()
+    # Enough tasks for the threads: a lone request's context is split, a full batch's is not (and then its
+    # length, which costs a read of seq_lens, does not matter).
+    chunks = -(-4 * threads // max(batch * kv_heads, 1))
+    if chunks > 1 and batch:
+        chunks = max(1, min(_MAX_CHUNKS, chunks, int(seq_lens.max()) // _MIN_CHUNK))
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    scratch = torch.empty(batch * chunks * heads * (dim + 2) if chunks > 1 else 0)  # the chunks' partial results
+    _kernel(q, k_cache)(
+        q, k_cache, v_cache, req_to_token, req_indices.contiguous(), seq_lens.contiguous(), out, scratch,
+        batch, req_to_token.stride(0), chunks, threads, scale, sliding_window, logit_cap,
+    )  # fmt: skip
+    return out
 
 
-def prepare_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, folder: Path | None) -> int:
-    """Both variants for one layer kind, ready before serving freezes compilation: loaded from `folder` when an
-    earlier start saved them there, else traced ahead of time, compiled and saved there. Returns how many were
-    loaded. q is [H, D] in the model's dtype; k_cache, v_cache one layer of the pool. The variants skip
-    Dynamo's guards: `_variant` picks them by everything the trace specialised on, and the folder's key
-    (compiler/cache.py) covers the rest."""
-    loaded = 0
-    for batch in (1, 2):
-        qb = q.expand(batch, *q.shape).contiguous()
-        key = _variant(qb, k_cache)
-        _, q_dtype, heads, dim, kv_heads, kv_dtype = key
-        path = Path(folder or ".") / f"decode-{'one' if batch == 1 else 'any'}-{q_dtype}-{heads}x{dim}-{kv_heads}-{kv_dtype}.bin".replace("torch.", "")
-        if folder is not None and path.exists():
-            with open(path, "rb") as f:
-                fn = torch.compiler.load_compiled_function(f)
-            loaded += 1
-        else:
-            slots = torch.zeros(batch, 3, dtype=torch.int64)
-            lens = torch.full((batch,), 3, dtype=torch.int64)
-            if batch == 1:
-                _mark_one_request_dynamic(slots, k_cache, v_cache)
-            consts = (torch.tensor(1.0), torch.tensor(0), torch.tensor(0.0))
-            fn = (_one_request if batch == 1 else _any_batch).aot_compile(((qb, k_cache, v_cache, slots, lens, *consts), {}))
-            if folder is not None:
-                fn.save_compiled_function(str(path))
-        fn.disable_guard_check()
-        _saved[key] = fn
-    return loaded
+def prepare_decode(q: Tensor, k_cache: Tensor) -> int:
+    """The kernel for one layer kind, ready before serving: built, or loaded when Inductor's cache (the
+    server's compile cache folder) holds it from an earlier start. Returns 1 if loaded, 0 if built. q is [H, D]
+    in the model's dtype; k_cache one layer of the pool."""
+    t0 = time.time()
+    fn = _kernel(q, k_cache)
+    return int(os.path.getmtime(fn.__self__.__file__) < t0)  # its module's file is the built library

@@ -49,7 +49,7 @@ def test_a_warm_start_serves_from_the_saved_trace(engines):
     warm = EngineCore(compiled.args)
     counters = warm.stats().compile
     # (The cache counters are the process's, this test's cold engine included: test_warm_start.py checks them.)
-    assert counters["trace_loaded"] and counters["cpu_decode_kernels_loaded"] == 2
+    assert counters["trace_loaded"] and counters["cpu_decode_kernels_loaded"] == 1
     wave = [[("a", [5, 6, 7, 8], 5), ("b", list(range(1, 30)), 3)], [("c", [9], 4)]]
     assert drive(warm, wave) == drive(eager, wave)
 
