@@ -29,13 +29,20 @@ class PaddedBatch:
         self.filled = (0, 0)  # the token and request counts of the last batch, whose rows are not zero
 
     def fill(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, AttentionMetadata]:
-        n, b = input_ids.shape[0], meta.req_indices.shape[0]
-        if self.filled != (n, b):
-            self.rows.zero_()
-            self.filled = (n, b)
-        for row, t in zip(self.rows, (input_ids, positions, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)):
-            row[: t.shape[0]].copy_(t)
-        self.meta.max_extend_len.copy_(meta.max_extend_len)
+        n, b, size = input_ids.shape[0], meta.req_indices.shape[0], self.rows.shape[1]
+        parts = (input_ids, positions, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
+        if n == b == size:
+            torch.stack(parts, out=self.rows)  # a full bucket of decode rows: one op, nothing to pad
+        else:
+            if self.filled != (n, b):
+                self.rows.zero_()
+            if n == b:
+                self.rows[:, :n].copy_(torch.stack(parts))
+            else:
+                for row, t in zip(self.rows, parts):
+                    row[: t.shape[0]].copy_(t)
+        self.filled = (n, b)
+        self.meta.max_extend_len = meta.max_extend_len  # a host tensor, read by the kernels, not by compiled code
         return *self.inputs, self.meta
 
 

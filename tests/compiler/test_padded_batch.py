@@ -30,9 +30,13 @@ def test_batches_of_one_bucket_share_its_buffers_and_pad_with_zeros():
         [0, 1, 2, 0, 0, 0], [4, 5, 6, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0, 1, 2, 0, 0, 0],
     ]  # fmt: skip
     assert second[2].max_extend_len.tolist() == [1]
-    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(_tensors(first), _tensors(second)))
+    full = padded.fill(*_batch([1, 2, 3, 4, 5, 6], [9] * 6, [1] * 6, table))  # a full bucket, then a smaller batch
+    assert _rows(*full)[0] == [1, 2, 3, 4, 5, 6] and _rows(*full)[6] == [0, 1, 2, 3, 4, 5]
+    last = padded.fill(*_batch([7], [3], [1], table))
+    assert _rows(*last) == [[7, 0, 0, 0, 0, 0], [107, 0, 0, 0, 0, 0], [207, 0, 0, 0, 0, 0], [0] * 6, [3, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0] * 6]
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(_tensors(first), _tensors(last)))
 
 
 def _tensors(padded: tuple[torch.Tensor, torch.Tensor, AttentionMetadata]) -> list[torch.Tensor]:
     ids, positions, meta = padded
-    return [ids, positions, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts, meta.max_extend_len]
+    return [ids, positions, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts]
