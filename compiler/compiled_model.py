@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -17,6 +16,34 @@ from kiln.ops.attention import AttentionMetadata
 from kiln.ops.attention_decode_cpu import prepare_decode
 
 log = logging.getLogger(__name__)
+
+
+class PaddedBatch:
+    """One bucket's inputs: ids, positions and the metadata's rows in one [7, size] buffer, zero past the batch."""
+
+    def __init__(self, size: int, req_to_token: Tensor):
+        self.rows = torch.zeros(7, size, dtype=torch.int64, device=req_to_token.device)
+        ids, positions, out_slots, req_indices, seq_lens, extend_lens, extend_starts = self.rows
+        self.inputs = ids, positions
+        self.meta = AttentionMetadata(out_slots, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, torch.zeros(1, dtype=torch.int64))
+        self.filled = (0, 0)  # the token and request counts of the last batch, whose rows are not zero
+
+    def fill(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        n, b, size = input_ids.shape[0], meta.req_indices.shape[0], self.rows.shape[1]
+        parts = (input_ids, positions, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts)
+        if n == b == size:
+            torch.stack(parts, out=self.rows)  # a full bucket of decode rows: one op, nothing to pad
+        else:
+            if self.filled != (n, b):
+                self.rows.zero_()
+            if n == b:
+                self.rows[:, :n].copy_(torch.stack(parts))
+            else:
+                for row, t in zip(self.rows, parts):
+                    row[: t.shape[0]].copy_(t)
+        self.filled = (n, b)
+        self.meta.max_extend_len = meta.max_extend_len  # a host tensor, read by the kernels, not by compiled code
+        return *self.inputs, self.meta
 
 
 # Dynamo's trace of the model, kept beside Inductor's pieces in the compile cache folder.
@@ -45,6 +72,7 @@ class CompiledModel:
         self.decode_kernels_loaded = 0
         self.buckets = sorted(set(profile.decode_batch_sizes) | set(profile.prefill_token_counts))
         self._forward: Any = None  # the traced forward, called with the model first; set by warm_up
+        self._padded: dict[int, PaddedBatch] = {}
 
     def bucket_for(self, num_tokens: int, num_reqs: int) -> int | None:
         if num_tokens == num_reqs:
@@ -70,19 +98,13 @@ class CompiledModel:
         with torch.compiler.set_stance("fail_on_recompile" if self.stats.frozen else "default"):
             return self._forward(self.model, input_ids, positions, kv, meta)
 
-    @staticmethod
-    def _pad(size: int, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, AttentionMetadata]:
-        """Padding rows write to slot 0; padding requests have no tokens, so attention skips them."""
-        rows = lambda t: F.pad(t, (0, size - t.shape[0]))  # noqa: E731
-        return rows(input_ids), rows(positions), AttentionMetadata(
-            out_slots=rows(meta.out_slots),
-            req_to_token=meta.req_to_token,
-            req_indices=rows(meta.req_indices),
-            seq_lens=rows(meta.seq_lens),
-            extend_lens=rows(meta.extend_lens),
-            extend_starts=rows(meta.extend_starts),
-            max_extend_len=meta.max_extend_len,
-        )
+    def _pad(self, size: int, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """The batch copied into its bucket's own buffers, which every step of that size reuses. Padding rows
+        write to slot 0; padding requests have no tokens, so attention skips them."""
+        padded = self._padded.get(size)
+        if padded is None:
+            padded = self._padded[size] = PaddedBatch(size, meta.req_to_token)
+        return padded.fill(input_ids, positions, meta)
 
     def warm_up(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor, show_progress: bool = True) -> None:
         """Traces the model (or loads the saved trace), then compiles every bucket's distinct pieces (loads them,

@@ -30,7 +30,7 @@ from kiln.serving.engine.overlap import InFlight, OverlapWorker
 from kiln.serving.engine.radix_cache import RadixCache
 from kiln.serving.engine.rank_model import build_rank_model, locate_checkpoint
 from kiln.serving.engine.request import Req
-from kiln.serving.engine.sampler import apply_penalties, sample
+from kiln.serving.engine.sampler import apply_penalties, edits_logits, sample
 from kiln.serving.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.serving.engine.step_channel import StepChannel
 from kiln.serving.engine.weight_update import WeightUpdater
@@ -390,7 +390,9 @@ class EngineCore:
         """
         if not ready:
             return None
-        rows = logits[ready]
+        # The rows are edited in place below; a batch whose rows all sample and that nothing edits (greedy or
+        # plain sampling, the common case) skips the copy, a [B, vocab] float32 one.
+        rows = logits if len(ready) == len(logits) and mask is None and not any(edits_logits(r) for r in reqs) else logits[ready]
         # Logprobs of the model's own distribution: before penalties, grammar, temperature and filtering.
         logprobs = torch.log_softmax(rows, dim=-1) if any(r.logprob for r in reqs) else None
         try:

@@ -37,17 +37,27 @@ class ModelRunner:
             pool.table_writes = []
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """The batch's tensors, read from each request's kv_len and slots (before the step moves them on)."""
-        ids, positions, slots, lens, ext = [], [], [], [], []
+        """The batch's tensors, read from each request's kv_len and slots (before the step moves them on).
+
+        Every per-row and per-request number goes into one host tensor, made from one list and copied to the
+        device once; the inputs are views of it, and the output slots one gather from the slot table."""
+        ids, positions, rows, lens, ext, starts = [], [], [], [], [], []
         for req, extend in zip(batch.reqs, batch.extends):
-            start = req.kv_len
+            start, n = req.kv_len, len(extend)
             ids += extend
-            positions += range(start, start + len(extend))
-            slots.append(self.pool.req_to_token[req.row, start : start + len(extend)])
-            lens.append(start + len(extend))
-            ext.append(len(extend))
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
-        return self.inputs(as_tensor(ids), as_tensor(positions), torch.cat(slots), [r.row for r in batch.reqs], lens, ext)
+            positions += range(start, start + n)
+            starts.append(len(ids) - n)
+            rows.append(req.row)
+            lens.append(start + n)
+            ext.append(n)
+        t, b = len(ids), len(rows)
+        host = torch.tensor(ids + positions + rows + lens + ext + starts + [max(ext, default=0)], dtype=torch.int64)
+        packed = host[:-1].to(self.device)
+        ids_t, pos_t, rows_t, lens_t, ext_t, starts_t = packed.split([t, t, b, b, b, b])
+        token_rows = rows_t if t == b else rows_t.repeat_interleave(ext_t, output_size=t)
+        table = self.pool.req_to_token
+        meta = AttentionMetadata(table[token_rows, pos_t].long(), table, rows_t, lens_t, ext_t, starts_t, host[-1:])
+        return StepInputs(ids_t, pos_t, meta, ext)
 
     def inputs(self, ids: Tensor, positions: Tensor, out_slots: Tensor, rows: list[int], lens: list[int], ext: list[int]) -> StepInputs:
         meta = AttentionMetadata.build(out_slots, self.pool.req_to_token, rows, lens, ext)
@@ -60,6 +70,8 @@ class ModelRunner:
 
     def last_logits(self, hidden: Tensor, ext: list[int]) -> Tensor:
         """Logits [B, vocab] (float32) at each request's last new token."""
+        if len(ext) == sum(ext):  # one new token per request (decode): the rows are the requests', in order
+            return self.model.compute_logits(hidden[: len(ext)])
         last = torch.tensor(ext, device=self.device).cumsum(0) - 1
         return self.model.compute_logits(hidden[last])
 

@@ -50,6 +50,12 @@ def apply_penalties(logits: Tensor, reqs: list[Req], eos_ids: set[int], generate
         logits[torch.tensor(rows, device=device), torch.tensor(toks, device=device)] = float("-inf")
 
 
+def edits_logits(req: Req) -> bool:
+    """Whether apply_penalties changes this request's row now (the sampler itself never edits logits)."""
+    p = req.params
+    return bool(p.logit_bias) or p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty) or len(req.output_ids) < p.min_new_tokens
+
+
 def sample(logits: Tensor, reqs: list[Req]) -> list[int]:
     """sample_ids, read back to the host."""
     return sample_ids(logits, reqs).tolist()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.serving.engine.request import Req
-from kiln.serving.engine.sampler import apply_penalties, sample
+from kiln.serving.engine.sampler import apply_penalties, edits_logits, sample
 from kiln.serving.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -106,3 +106,20 @@ def test_stop_token_ids_outside_the_vocabulary_never_match():
     logits = torch.zeros(1, 16)
     apply_penalties(logits, [req], eos_ids=set())
     assert logits[0, 4] == float("-inf") and torch.isfinite(logits[0, :4]).all()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(logit_bias={"3": 1.0}), dict(repetition_penalty=1.2), dict(frequency_penalty=0.5), dict(presence_penalty=-0.5),
+        dict(min_new_tokens=2, stop_token_ids=[2]), dict(temperature=0), dict(temperature=0.7, top_p=0.9, top_k=5),
+    ],
+)  # fmt: skip
+def test_edits_logits_says_exactly_when_apply_penalties_changes_a_row(params):
+    # The engine samples a plain batch from the logits themselves, uncopied: only a row edits_logits names may change.
+    req = Req("r", [1, 2, 3], SamplingParams(max_new_tokens=4, **params), seed=0)
+    req.output_ids = [3]
+    logits = torch.randn(1, 8)
+    edited = logits.clone()
+    apply_penalties(edited, [req], eos_ids={2})
+    assert edits_logits(req) == (not torch.equal(edited, logits))
