@@ -48,6 +48,8 @@ def test_a_warm_start_compiles_nothing(tmp_path):
     # request, and more).
     assert not cold["compile"]["trace_loaded"] and warm["compile"]["trace_loaded"]
     assert warm["compile"]["cache_hits"] == warm["compile"]["piece_compiles"] == cold["compile"]["piece_compiles"]
+    # Each from the artifact the cold start saved for it, not through a cache lookup by graph.
+    assert cold["compile"]["pieces_loaded"] == 0 and warm["compile"]["pieces_loaded"] == warm["compile"]["piece_compiles"]
     assert cold["compile"]["cpu_decode_kernels_loaded"] == 0 and warm["compile"]["cpu_decode_kernels_loaded"] == 2
     assert warm["compile"]["buckets_compiled"] == 3 and warm["compile"]["recompiles"] == 0
     assert set(warm["startup_seconds"]) == {"convert", "load", "pool_sizing", "compile", "warm_up", "total"}
