@@ -145,10 +145,9 @@ class Piece(torch.nn.Module):
         self.options = inductor_options
         self.graphs: dict[tuple[int, ...], PieceGraph] = {}
 
-    def _compiled(self, args: tuple[Any, ...]) -> Callable[..., Any]:
-        """The artifact for these inputs' sizes: loaded from the file an earlier start saved, else compiled (Inductor's
-        own caches may still serve it) and saved there, on first use."""
-        sizes = tuple(a for a in args if isinstance(a, int))
+    def _compiled(self, sizes: tuple[int, ...], example: Callable[[], tuple[Any, ...]]) -> Callable[..., Any]:
+        """The artifact for these sizes: loaded from the file an earlier start saved, else compiled for the
+        inputs `example()` gives (Inductor's own caches may still serve it) and saved there, on first use."""
         fn = self.stats.artifacts.get((self.key, sizes))
         if fn is None:
             if self.stats.frozen:
@@ -156,12 +155,12 @@ class Piece(torch.nn.Module):
             t0 = time.monotonic()
             saved = self._artifact_path(sizes)
             if saved is not None and saved.exists():
-                # The saved artifact names its AOTAutograd cache entry: no graph to specialise, no fake values,
-                # no cache key to hash, which is most of what a lookup through compile_fx costs.
+                # The saved artifact names its AOTAutograd cache entry: no inputs to make, no graph to
+                # specialise, no fake values, no cache key to hash, which is most of a lookup through compile_fx.
                 compiled = CompiledArtifact.load(path=str(saved))
                 self.stats.pieces_loaded += 1
             else:
-                compiled = self._compile(args, saved)
+                compiled = self._compile(example(), saved)
             fn = lambda *a, _c=compiled: _c(*[x for x in a if not isinstance(x, int)])  # noqa: E731
             self.stats.compile_seconds += time.monotonic() - t0
             self.stats.piece_compiles += 1
@@ -192,11 +191,12 @@ class Piece(torch.nn.Module):
     def precompile(self, size: int) -> None:
         """Compiles this piece for a bucket without running the model: the inputs are zeros shaped as the trace
         recorded them, with every symbolic size set to `size` (padding makes every per-row input bucket-long)."""
-        self._compiled(tuple(_example(spec, size) for spec in self.inputs))
+        sizes = tuple(_concrete(spec[1], size) for spec in self.inputs if spec[0] == "int")
+        self._compiled(sizes, lambda: tuple(_example(spec, size) for spec in self.inputs))
 
     def forward(self, *args: Any) -> Any:
         sizes = tuple(a for a in args if isinstance(a, int))
-        fn = self._compiled(args)
+        fn = self._compiled(sizes, lambda: args)
         if sizes and max(sizes) in self.stats.graph_sizes:
             graph = self.graphs.get(sizes)
             if graph is None and self.stats.capture_pool is not None:
@@ -270,8 +270,7 @@ class PiecewiseGraph(SerializableCallable):
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> "PiecewiseGraph":
         split, inputs, decode_kinds = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
-        for module in split.modules():
-            module.recompile()  # GraphPickler brings back graphs without the code that runs them
+        split.recompile()  # GraphPickler brings back graphs without the code that runs them; this recompiles each child too
         return PiecewiseGraph(split, inputs, decode_kinds)
 
 
