@@ -58,8 +58,9 @@ def serve(argv: list[str]) -> int:
 WARM_HELP = """\
 Compiles every shape bucket of the model into the persistent compile cache, then exits, so that a later
 `kiln serve` with the same model, dtype, device, profile and flags loads every piece and compiles nothing:
-it saves Dynamo's trace of the model (dynamo-trace.bin), the CPU decode kernels and Inductor's artifacts in
-the cache folder, and a GGUF's converted checkpoint and Q4_1 blocks under <--cache-dir>/gguf.
+it saves Dynamo's trace of the model (dynamo-trace.bin), the CPU decode kernels (decode-*.bin), each compiled
+piece per bucket (piece-*.bin) and Inductor's caches in the cache folder, and a GGUF's converted checkpoint and
+Q4_1 blocks under <--cache-dir>/gguf.
 
 The cache lives in --compile-cache-dir (default: <--cache-dir>/compile, i.e. ~/.cache/kiln/compile), one
 folder per key (model config, dtype, device, profile, torch and Kiln versions); converted GGUF checkpoints
