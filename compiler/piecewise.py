@@ -157,7 +157,9 @@ class Piece(torch.nn.Module):
             if saved is not None and saved.exists():
                 # The saved artifact names its AOTAutograd cache entry: no inputs to make, no graph to
                 # specialise, no fake values, no cache key to hash, which is most of a lookup through compile_fx.
-                compiled = CompiledArtifact.load(path=str(saved))
+                # Under the profile's options, as compiled: the C++ kernels' build flags (the vector ISA) come from them.
+                with torch._inductor.config.patch(self.options):
+                    compiled = CompiledArtifact.load(path=str(saved))
                 self.stats.pieces_loaded += 1
             else:
                 compiled = self._compile(example(), saved)
