@@ -16,6 +16,7 @@ decode_batch_sizes = [1, 4]
 prefill_token_counts = [32]
 chunked_prefill_size = 32
 [inductor]
+"cpp.simdlen" = 0
 """
 
 
@@ -40,7 +41,10 @@ def test_a_warm_start_compiles_nothing(tmp_path):
         "--profile", str(tmp_path / "profile.toml"), "--compile-cache-dir", str(tmp_path / "cache"), "--log-level", "warning",
     ]  # fmt: skip
     cold = kiln_warm(args)
+    built = sorted((tmp_path / "cache").rglob("*.so"))
     warm = kiln_warm(args)
+    # No C++ kernel was built again: the warm start loaded each piece with the build flags it was compiled with.
+    assert built and sorted((tmp_path / "cache").rglob("*.so")) == built
     assert cold["compile"]["cache_misses"] > 0
     assert warm["compile"]["cache_misses"] == 0
     # Dynamo's trace was loaded, not traced again; every piece of every bucket was loaded from the cache, as
