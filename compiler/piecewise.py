@@ -159,7 +159,7 @@ class Piece(torch.nn.Module):
                 # specialise, no fake values, no cache key to hash, which is most of a lookup through compile_fx.
                 # Under the profile's options, as compiled: the C++ kernels' build flags (the vector ISA) come from them.
                 with torch._inductor.config.patch(self.options):
-                    compiled = CompiledArtifact.load(path=str(saved))
+                    compiled = _returning_as_traced(CompiledArtifact.load(path=str(saved)), self.gm)
                 self.stats.pieces_loaded += 1
             else:
                 compiled = self._compile(example(), saved)
@@ -207,6 +207,15 @@ class Piece(torch.nn.Module):
             if graph is not None:
                 return graph(*args)
         return fn(*args)
+
+
+def _returning_as_traced(compiled: CompiledArtifact, gm: fx.GraphModule) -> Callable[..., Any]:
+    """Inductor compiles a graph returning one value as one returning a 1-tuple and unwraps the result; the
+    unwrapping is not part of the saved artifact, so a loaded piece that returns one value does it here."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if isinstance(output.args[0], (tuple, list)):
+        return compiled
+    return lambda *args: compiled(*args)[0]
 
 
 def _lower_cpu_decode(node: fx.Node, decode_kinds: set[tuple[int, int, float, int, float]]) -> None:
