@@ -65,7 +65,7 @@ class CompiledModel:
         self.graphs: DecodeGraphs | None = None
         self.piece_graph_bytes = 0
         self.profile = profile
-        self.stats = CompileStats()
+        self.stats = CompileStats(artifact_dir=trace_dir)
         self.eager_fallbacks = 0
         self.warm_up_seconds = 0.0
         self.trace_loaded = False
@@ -184,6 +184,7 @@ class CompiledModel:
             "pieces": self.stats.pieces,
             "distinct_pieces": self.stats.unique_pieces,
             "piece_compiles": self.stats.piece_compiles,
+            "pieces_loaded": self.stats.pieces_loaded,
             "cache_hits": int(inductor["fxgraph_cache_hit"]),
             "cache_misses": int(inductor["fxgraph_cache_miss"]),
             "recompiles": max(self.stats.traces - 1, 0),

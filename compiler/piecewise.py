@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sympy
@@ -21,7 +22,7 @@ import torch
 from torch import fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 from torch._guards import TracingContext, tracing
-from torch._inductor.compile_fx import compile_fx
+from torch._inductor import CompiledArtifact, standalone_compile
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._graph_pickler import GraphPickler
 from torch.fx._graph_pickler import Options as GraphPicklerOptions
@@ -60,6 +61,10 @@ class CompileStats:
     # compile in warm-up, before serving freezes compilation.
     decode_kinds: set[tuple[int, int, float, int, float]] = field(default_factory=set)
     distinct: list["Piece"] = field(default_factory=list, repr=False)  # one piece per distinct code
+    # Where each compiled piece is saved as a standalone Inductor artifact (one file per piece and bucket),
+    # and how many were loaded from there rather than compiled.
+    artifact_dir: Path | None = None
+    pieces_loaded: int = 0
 
 
 # A piece input as the trace recorded it, in a form that pickles: ("int", size) or ("tensor", shape, stride,
@@ -140,33 +145,60 @@ class Piece(torch.nn.Module):
         self.options = inductor_options
         self.graphs: dict[tuple[int, ...], PieceGraph] = {}
 
-    def _compiled(self, args: tuple[Any, ...]) -> Callable[..., Any]:
-        """The artifact for these inputs' sizes, compiled (or loaded from the persistent cache) on first use."""
-        sizes = tuple(a for a in args if isinstance(a, int))
+    def _compiled(self, sizes: tuple[int, ...], example: Callable[[], tuple[Any, ...]]) -> Callable[..., Any]:
+        """The artifact for these sizes: loaded from the file an earlier start saved, else compiled for the
+        inputs `example()` gives (Inductor's own caches may still serve it) and saved there, on first use."""
         fn = self.stats.artifacts.get((self.key, sizes))
         if fn is None:
             if self.stats.frozen:
                 raise RecompileError(f"no compiled piece for sizes {sizes}: a batch was not padded to a warmed-up bucket")
             t0 = time.monotonic()
-            # A tracing context with a shape env lets Inductor's FX graph cache
-            # (the persistent one) take pieces compiled outside Dynamo.
-            tensors = [a for a in args if not isinstance(a, int)]
-            with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
-                compiled = compile_fx(_specialize(self.gm, args), tensors, config_patches=self.options)
+            saved = self._artifact_path(sizes)
+            if saved is not None and saved.exists():
+                # The saved artifact names its AOTAutograd cache entry: no inputs to make, no graph to
+                # specialise, no fake values, no cache key to hash, which is most of a lookup through compile_fx.
+                # Under the profile's options, as compiled: the C++ kernels' build flags (the vector ISA) come from them.
+                with torch._inductor.config.patch(self.options):
+                    compiled = _returning_as_traced(CompiledArtifact.load(path=str(saved)), self.gm)
+                self.stats.pieces_loaded += 1
+            else:
+                compiled = self._compile(example(), saved)
             fn = lambda *a, _c=compiled: _c(*[x for x in a if not isinstance(x, int)])  # noqa: E731
             self.stats.compile_seconds += time.monotonic() - t0
             self.stats.piece_compiles += 1
             self.stats.artifacts[(self.key, sizes)] = fn
         return fn
 
+    def _compile(self, args: tuple[Any, ...], saved: Path | None) -> CompiledArtifact:
+        tensors = [a for a in args if not isinstance(a, int)]
+        # A tracing context with a shape env lets Inductor's FX graph cache (the persistent one) take pieces
+        # compiled outside Dynamo; buckets whose pieces lower to the same graph share one Inductor compile.
+        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
+            compiled = standalone_compile(
+                _specialize(self.gm, args), tensors, dynamic_shapes="from_tracing_context", options={"config_patches": self.options},
+                donate_graph_module=True,
+            )  # fmt: skip
+        if saved is not None:
+            try:
+                compiled.save(path=str(saved))
+            except RuntimeError as exc:  # a piece AOTAutograd would not cache: later starts compile it again
+                log.warning("piece %s not saved: %s", saved.name, exc)
+        return compiled
+
+    def _artifact_path(self, sizes: tuple[int, ...]) -> Path | None:
+        if self.stats.artifact_dir is None:
+            return None
+        return self.stats.artifact_dir / f"piece-{self.key[:24]}-{'-'.join(map(str, sizes))}.bin"
+
     def precompile(self, size: int) -> None:
         """Compiles this piece for a bucket without running the model: the inputs are zeros shaped as the trace
         recorded them, with every symbolic size set to `size` (padding makes every per-row input bucket-long)."""
-        self._compiled(tuple(_example(spec, size) for spec in self.inputs))
+        sizes = tuple(_concrete(spec[1], size) for spec in self.inputs if spec[0] == "int")
+        self._compiled(sizes, lambda: tuple(_example(spec, size) for spec in self.inputs))
 
     def forward(self, *args: Any) -> Any:
         sizes = tuple(a for a in args if isinstance(a, int))
-        fn = self._compiled(args)
+        fn = self._compiled(sizes, lambda: args)
         if sizes and max(sizes) in self.stats.graph_sizes:
             graph = self.graphs.get(sizes)
             if graph is None and self.stats.capture_pool is not None:
@@ -175,6 +207,15 @@ class Piece(torch.nn.Module):
             if graph is not None:
                 return graph(*args)
         return fn(*args)
+
+
+def _returning_as_traced(compiled: CompiledArtifact, gm: fx.GraphModule) -> Callable[..., Any]:
+    """Inductor compiles a graph returning one value as one returning a 1-tuple and unwraps the result; the
+    unwrapping is not part of the saved artifact, so a loaded piece that returns one value does it here."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if isinstance(output.args[0], (tuple, list)):
+        return compiled
+    return lambda *args: compiled(*args)[0]
 
 
 def _lower_cpu_decode(node: fx.Node, decode_kinds: set[tuple[int, int, float, int, float]]) -> None:
@@ -240,8 +281,7 @@ class PiecewiseGraph(SerializableCallable):
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> "PiecewiseGraph":
         split, inputs, decode_kinds = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
-        for module in split.modules():
-            module.recompile()  # GraphPickler brings back graphs without the code that runs them
+        split.recompile()  # GraphPickler brings back graphs without the code that runs them; this recompiles each child too
         return PiecewiseGraph(split, inputs, decode_kinds)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from kiln.models.config import ModelConfig
 from kiln.models.dummy import init_dummy_weights
+from kiln.models.gguf_parse_once import gguf_parsed_once
 from kiln.models.gguf_q4 import GGUFQ4_1, load_q4_1
 from kiln.models.moe import SparseMoE
 from kiln.models.quantize import quantize
@@ -95,8 +96,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     log.info("converting %s to safetensors under %s (once)", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with gguf_parsed_once():
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tied = hf.config.tie_word_embeddings

@@ -20,20 +20,31 @@ def serve(argv: list[str]) -> int:
         from kiln.serving.engine.headless import run_headless
 
         return run_headless(args)
-    import uvicorn
-
-    from kiln.serving.api.app import create_app
     from kiln.serving.api.engine_client import EngineStartError
     from kiln.serving.api.engine_group import EngineGroup
-    from kiln.serving.api.server import KilnServer, protocol_with_timeout
+    from kiln.serving.messages import CheckpointLocated
+
+    tokenizer = None
+
+    def http_side(located: CheckpointLocated) -> None:
+        """This process's own start-up (its modules, the tokenizer), while the engines load and compile."""
+        nonlocal tokenizer
+        from kiln.serving.api.app import load_http_tokenizer
+
+        tokenizer = load_http_tokenizer(args, located)
 
     try:
-        engine = EngineGroup.start(args)
+        engine = EngineGroup.start(args, http_side)
     except EngineStartError as exc:
         log.error("could not start: %s", exc)
         return 1
+    import uvicorn
+
+    from kiln.serving.api.app import create_app
+    from kiln.serving.api.server import KilnServer, protocol_with_timeout
+
     config = uvicorn.Config(
-        create_app(args, engine), host=args.host, port=args.port, log_level=args.log_level,
+        create_app(args, engine, tokenizer), host=args.host, port=args.port, log_level=args.log_level,
         http=protocol_with_timeout(args.http_read_timeout), timeout_keep_alive=args.timeout_keep_alive,
         # Requests were drained or aborted before uvicorn's own wait: only their last bytes remain.
         timeout_graceful_shutdown=5,
@@ -47,8 +58,9 @@ def serve(argv: list[str]) -> int:
 WARM_HELP = """\
 Compiles every shape bucket of the model into the persistent compile cache, then exits, so that a later
 `kiln serve` with the same model, dtype, device, profile and flags loads every piece and compiles nothing:
-it saves Dynamo's trace of the model (dynamo-trace.bin), the CPU decode kernels and Inductor's artifacts in
-the cache folder, and a GGUF's converted checkpoint and Q4_1 blocks under <--cache-dir>/gguf.
+it saves Dynamo's trace of the model (dynamo-trace.bin), each compiled piece per bucket (piece-*.bin) and
+Inductor's caches (with the built CPU decode attention kernel) in the cache folder, and a GGUF's converted
+checkpoint and Q4_1 blocks under <--cache-dir>/gguf.
 
 The cache lives in --compile-cache-dir (default: <--cache-dir>/compile, i.e. ~/.cache/kiln/compile), one
 folder per key (model config, dtype, device, profile, torch and Kiln versions); converted GGUF checkpoints

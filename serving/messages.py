@@ -129,6 +129,14 @@ class StepOutput(msgspec.Struct, tag=True):
     outputs: list[TokenOutput]
 
 
+class CheckpointLocated(msgspec.Struct, tag=True):
+    """Sent first, once the engine has found its checkpoint and before it loads weights and compiles: the
+    HTTP side loads the tokenizer from `checkpoint` meanwhile (unless has_tokenizer is false)."""
+
+    checkpoint: str
+    has_tokenizer: bool
+
+
 class EngineInfo(msgspec.Struct, tag=True):
     """Sent once when the engine is ready: what the HTTP side needs to validate and describe requests."""
 
@@ -172,4 +180,4 @@ ToEngine = (
     GenerateRequest | AbortRequest | StatsRequest | FlushCache | UpdateWeights | PauseGeneration | ContinueGeneration
     | ExpertDistribution | Shutdown
 )  # fmt: skip
-FromEngine = StepOutput | EngineInfo | EngineStats | ControlReply | EngineError
+FromEngine = StepOutput | CheckpointLocated | EngineInfo | EngineStats | ControlReply | EngineError

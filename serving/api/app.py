@@ -23,6 +23,7 @@ from kiln.serving.api.pooled_serving import EmbeddingServing
 from kiln.serving.api.served_model import ServedModel
 from kiln.serving.api.tokenizer_manager import TokenizerManager
 from kiln.serving.api.validator import Validator
+from kiln.serving.messages import CheckpointLocated
 from kiln.serving.sampling_params import SamplingParams
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
@@ -59,10 +60,15 @@ async def openapi(request: Request) -> Response:
     return json_response(openapi_document(request.app))
 
 
-def create_app(args: ServerArgs, engine: EngineGroup) -> Litestar:
+def load_http_tokenizer(args: ServerArgs, located: CheckpointLocated) -> Any:
+    """The HTTP side's tokenizer, loaded while the engine loads its weights and compiles. The engine decides
+    whether there is one (--skip-tokenizer-init, or a dummy model without tokenizer files); this side follows."""
+    return load_tokenizer(args.tokenizer_path or located.checkpoint) if located.has_tokenizer else None
+
+
+def create_app(args: ServerArgs, engine: EngineGroup, tokenizer: Any) -> Litestar:
+    """The app around ready engines; `tokenizer` from load_http_tokenizer."""
     info = engine.info
-    # The engine decides (--skip-tokenizer-init, or a dummy model without tokenizer files); this side follows.
-    tokenizer = load_tokenizer(args.tokenizer_path or info.checkpoint) if info.limits.has_tokenizer else None
     validator = Validator.for_tokenizer(info.limits, args.max_n, tokenizer)
     served = ServedModel.for_args(args, info)
     metrics = ServingMetrics(served.name, args.dp_size) if args.enable_metrics else None

@@ -13,6 +13,7 @@ import msgspec
 from kiln.serving.api.errors import EngineUnavailable
 from kiln.serving.messages import (
     AbortRequest,
+    CheckpointLocated,
     ContinueGeneration,
     ControlReply,
     ExpertDistribution,
@@ -69,6 +70,7 @@ class EngineClient:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(FromEngine).decode
         self._send_lock = threading.Lock()
+        self.located: CheckpointLocated | None = None
         self.info: EngineInfo | None = None
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
         # The engine answers StatsRequest and the control messages in the order they were sent.
@@ -79,13 +81,23 @@ class EngineClient:
         self.on_death: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def wait_located(self) -> CheckpointLocated:
+        """Blocks until the engine has found its checkpoint (before it loads weights); EngineStartError if it could not."""
+        if self.located is None:
+            self.located = self._expect(CheckpointLocated)
+        return self.located
+
     def wait_ready(self) -> EngineInfo:
         """Blocks until the engine has loaded its model; EngineStartError if it could not."""
-        first = self._recv_blocking()
-        if not isinstance(first, EngineInfo):
-            raise EngineStartError(first.message if isinstance(first, EngineError) else f"{self.name} exited during start-up")
-        self.info = first
-        return first
+        self.wait_located()
+        self.info = self._expect(EngineInfo)
+        return self.info
+
+    def _expect(self, kind: type[Any]) -> Any:
+        msg = self._recv_blocking()
+        if not isinstance(msg, kind):
+            raise EngineStartError(msg.message if isinstance(msg, EngineError) else f"{self.name} exited during start-up")
+        return msg
 
     def _recv_blocking(self) -> Any:
         try:

@@ -4,6 +4,7 @@ import logging
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ THROUGHPUT_WINDOW_S = 10.0
 
 class EngineCore:
     """Rank 0's engine. With tensor parallelism, `channel` carries each step to the other ranks, which
-    process.py started, and names the group they share the model over."""
+    process.py started, and names the group they share the model over. `on_located` hears the checkpoint
+    folder and whether a tokenizer is used, before the weights load."""
 
-    def __init__(self, args: ServerArgs, channel: StepChannel | None = None):
+    def __init__(self, args: ServerArgs, channel: StepChannel | None = None, on_located: Callable[[Path, bool], None] | None = None):
         tp = channel.tp if channel else TensorParallel()
         if args.tp_size != tp.size:
             raise ValueError(f"--tp-size {args.tp_size} runs in `kiln serve` or kiln.Engine, which start the ranks")
@@ -73,7 +75,10 @@ class EngineCore:
         untokenized = args.load_format == "dummy" and not args.tokenizer_path and not has_tokenizer(self.checkpoint)
         if untokenized and not args.skip_tokenizer_init:
             log.info("no tokenizer in %s: requests must send input_ids (as with --skip-tokenizer-init)", self.checkpoint)
-        self.tokenizer = None if args.skip_tokenizer_init or untokenized else load_tokenizer(args.tokenizer_path or str(self.checkpoint))
+        tokenized = not (args.skip_tokenizer_init or untokenized)
+        if on_located is not None:
+            on_located(self.checkpoint, tokenized)
+        self.tokenizer = load_tokenizer(args.tokenizer_path or str(self.checkpoint)) if tokenized else None
         self.kind = model_kind(self.cfg, args.is_embedding)
         if tp.size > 1 and self.kind != GENERATION:
             raise ValueError(f"--tp-size > 1 serves generation models only; this one is a {self.kind} model")

@@ -13,6 +13,7 @@ from kiln.serving.engine.step_channel import HEARTBEAT_S, RankGone
 from kiln.serving.engine.tp_ranks import TensorParallelRanks
 from kiln.serving.messages import (
     AbortRequest,
+    CheckpointLocated,
     ContinueGeneration,
     ControlReply,
     ExpertDistribution,
@@ -44,7 +45,7 @@ def run_engine(args: ServerArgs, conn: Connection, dp_rank: int = 0) -> None:
     ranks = None
     try:
         ranks = TensorParallelRanks.start(args, dp_rank) if args.tp_size > 1 else None
-        core = EngineCore(args, ranks.channel if ranks else None)
+        core = EngineCore(args, ranks.channel if ranks else None, on_located=lambda path, has: send(CheckpointLocated(str(path), has)))
     except BaseException as exc:
         log.error("engine failed to start: %s", traceback.format_exc())
         send(EngineError(f"{type(exc).__name__}: {exc}"))

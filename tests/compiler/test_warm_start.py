@@ -16,6 +16,7 @@ decode_batch_sizes = [1, 4]
 prefill_token_counts = [32]
 chunked_prefill_size = 32
 [inductor]
+"cpp.simdlen" = 0
 """
 
 
@@ -40,13 +41,18 @@ def test_a_warm_start_compiles_nothing(tmp_path):
         "--profile", str(tmp_path / "profile.toml"), "--compile-cache-dir", str(tmp_path / "cache"), "--log-level", "warning",
     ]  # fmt: skip
     cold = kiln_warm(args)
+    built = sorted((tmp_path / "cache").rglob("*.so"))
     warm = kiln_warm(args)
+    # No C++ kernel was built again: the warm start loaded each piece with the build flags it was compiled with.
+    assert built and sorted((tmp_path / "cache").rglob("*.so")) == built
     assert cold["compile"]["cache_misses"] > 0
     assert warm["compile"]["cache_misses"] == 0
     # Dynamo's trace was loaded, not traced again; every piece of every bucket was loaded from the cache, as
     # many as the cold start compiled, and so was the CPU decode kernel (one per layer kind).
     assert not cold["compile"]["trace_loaded"] and warm["compile"]["trace_loaded"]
     assert warm["compile"]["cache_hits"] == warm["compile"]["piece_compiles"] == cold["compile"]["piece_compiles"]
+    # Each from the artifact the cold start saved for it, not through a cache lookup by graph.
+    assert cold["compile"]["pieces_loaded"] == 0 and warm["compile"]["pieces_loaded"] == warm["compile"]["piece_compiles"]
     assert cold["compile"]["cpu_decode_kernels_loaded"] == 0 and warm["compile"]["cpu_decode_kernels_loaded"] == 1
     assert warm["compile"]["buckets_compiled"] == 3 and warm["compile"]["recompiles"] == 0
     assert set(warm["startup_seconds"]) == {"convert", "load", "pool_sizing", "compile", "warm_up", "total"}
