@@ -82,8 +82,12 @@ def create_app(args: ServerArgs, engine: EngineGroup, tokenizer: Any) -> Litesta
         if args.skip_server_warmup:
             return
         # One probe per engine: prompts shorter than a routing block go to the least loaded engine, so
-        # probes sent together spread one to each.
-        probes = [tm.single("WARMUP" if rank == 0 else f"WARMUP_{rank}", [rank], SamplingParams(max_new_tokens=1)) for rank in range(args.dp_size)]
+        # probes sent together spread one to each. Two prompt tokens and two new ones run a prefill bucket and
+        # a decode bucket (a one-token prompt would run only the latter), so a broken prefill fails here.
+        probes = [
+            tm.single("WARMUP" if rank == 0 else f"WARMUP_{rank}", [rank, rank], SamplingParams(max_new_tokens=2, ignore_eos=True))
+            for rank in range(args.dp_size)
+        ]
         for out in await asyncio.wait_for(tm.run_all(probes), 300):
             if out["meta_info"]["finish_reason"]["type"] == "abort":
                 raise RuntimeError(f"warm-up request failed: {out['meta_info']['finish_reason']}")
