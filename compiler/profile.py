@@ -24,8 +24,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: Path) -> "Profile":
-        text = path.read_text()
-        data = tomllib.loads(text)
+        text, data = _read(path)
         b = data["buckets"]
         decode, prefill = sorted(b["decode_batch_sizes"]), sorted(b["prefill_token_counts"])
         if min(decode + prefill) < 1:
@@ -44,6 +43,19 @@ class Profile:
             return self
         kept = tuple(s for s in self.decode_batch_sizes if s <= max_decode_batch) or self.decode_batch_sizes[:1]
         return dataclasses.replace(self, decode_batch_sizes=kept, source=self.source + f"\n#max_bs={max_decode_batch}")
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
+    """The profile's text (with its base's, for the cache key) and its settings: a `base = "other.toml"`
+    profile (beside it) takes the base's tables and overrides the keys it sets."""
+    text = path.read_text()
+    data = tomllib.loads(text)
+    if "base" not in data:
+        return text, data
+    base_text, merged = _read(path.parent / data.pop("base"))
+    for table, values in data.items():
+        merged[table] = {**merged.get(table, {}), **values}
+    return base_text + text, merged
 
 
 def pick(sizes: tuple[int, ...], n: int) -> int | None:

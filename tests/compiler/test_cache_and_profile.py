@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.compiler.cache import cache_key
-from kiln.compiler.profile import Profile, pick
+from kiln.compiler.profile import PROFILES, Profile, pick
 
 CPU = torch.device("cpu")
 
@@ -25,6 +25,14 @@ def test_device_profiles_load_and_narrow():
         assert p.chunked_prefill_size <= max(p.prefill_token_counts)
     narrowed = Profile.for_device("cuda").narrowed(32)
     assert max(narrowed.decode_batch_sizes) == 32
+
+
+def test_the_throughput_profile_is_the_cpu_profile_with_float32_copies():
+    cpu, fast = Profile.for_device("cpu"), Profile.load(PROFILES / "cpu-throughput.toml")
+    assert cpu.quantized_dense_from_rows == 0 and fast.quantized_dense_from_rows == 32
+    assert fast.decode_batch_sizes == cpu.decode_batch_sizes and fast.prefill_token_counts == cpu.prefill_token_counts
+    assert fast.inductor == cpu.inductor and fast.chunked_prefill_size == cpu.chunked_prefill_size
+    assert cache_key({}, torch.bfloat16, CPU, fast) != cache_key({}, torch.bfloat16, CPU, cpu)
 
 
 def test_empty_buckets_are_refused(tmp_path):

@@ -79,7 +79,7 @@ def test_packed_q4_1_computes_transformers_function(folder, hf, kv_pool, dense_f
 def test_default_int4_server_gives_transformers_greedy_tokens(folder, hf):
     """The whole int4wo-32 configuration (Q4_1 projections, int8 head) in float32 activations, through the engine."""
     core = EngineCore(ServerArgs(dtype="float32", torchao_config="int4wo-32", max_total_tokens=2048, disable_compile=True))
-    assert core.engine_info().quantization == {"mode": "int4wo-32", "layers": {"int4wo-32 (GGUF Q4_1)": 120, "int8wo": 1}, "dense_from_rows": 32}
+    assert core.engine_info().quantization == {"mode": "int4wo-32", "layers": {"int4wo-32 (GGUF Q4_1)": 120, "int8wo": 1}, "dense_from_rows": 0}
     assert isinstance(core.model.lm_head, Int8Linear) and not isinstance(core.model.embed_tokens, Int8Linear)
     tok = AutoTokenizer.from_pretrained(folder)
     prompts = ["The capital of France is", "def fibonacci(n):", "Alice was beginning to get very tired of"]
