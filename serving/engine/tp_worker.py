@@ -11,6 +11,8 @@ import pickle
 import sys
 import traceback
 
+import torch.distributed as dist
+
 from kiln.serving.engine.distributed import RendezvousError, join, open_store
 from kiln.serving.engine.step_channel import RankGone, StepChannel
 
@@ -29,6 +31,9 @@ def main() -> int:
         from kiln.serving.engine.follower import Follower
 
         Follower(args, StepChannel(tp)).run()
+        # Torn down before the interpreter exits: left to exit-time destructors, the process group's threads
+        # can abort the process ("terminate called without an active exception", exit -6) after a clean stop.
+        dist.destroy_process_group()
     except RankGone as exc:
         log.error("tensor-parallel rank %d stops: rank 0 is gone or out of step: %s", rank, exc.__cause__ or exc)
         return 1
