@@ -118,7 +118,8 @@ class CompiledModel:
             for size in tqdm(self.buckets, desc="compiling buckets", unit="bucket", disable=not show_progress):
                 for piece in self.stats.distinct:
                     piece.precompile(size)
-            for heads, dim, scale, window, cap in self.stats.decode_kinds:
+            # The kernel takes scale, window and cap at run time: one build per head shape.
+            for heads, dim in {(kind[0], kind[1]) for kind in self.stats.decode_kinds}:
                 q = torch.zeros(heads, dim, dtype=kv[0].dtype)
                 self.decode_kernels_loaded += prepare_decode(q, kv[0][0])
         self.stats.frozen = True
