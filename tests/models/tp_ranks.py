@@ -4,6 +4,7 @@ Not a test module: `test_tensor_parallel.py` imports it, and the spawned ranks i
 importlib mode leaves test modules unimportable from another process).
 """
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,12 @@ def greedy(case: Case, tp: TensorParallel = TensorParallel()) -> Result:
 
 
 def _write(path: Path, text: str) -> Path:
+    """Writes through a file of this process's own and a rename: the ranks share the compile cache, and a
+    rank reading while another truncates the file would see an empty profile."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    own = path.with_name(f"{path.name}.{os.getpid()}")
+    own.write_text(text)
+    os.replace(own, path)
     return path
 
 
