@@ -38,15 +38,23 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def weight_bytes_read(model: nn.Module, rows: int) -> int:
     """Bytes of weights a forward of `rows` rows reads: a quantized linear reads its packed weights, or its float32
-    copy from `dense_from_rows` rows up."""
-    total = 0
+    copy from `dense_from_rows` rows up; an embedding table reads its `rows` rows, unless a layer (a tied head)
+    reads all of it."""
+    read: dict[int, int] = {}  # by storage, so a tied table counts once
+    tables: list[nn.Embedding] = []
     for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            tables.append(module)
+            continue
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if isinstance(module, (Int4Linear, Int8Linear)) and module.dense is not None:
             use_dense = rows >= module.dense_from_rows
             own = [t for t in own if (t is module.dense) == use_dense or t is module.bias]
-        total += sum(t.numel() * t.element_size() for t in own)
-    return total
+        read.update({t.data_ptr(): t.numel() * t.element_size() for t in own})
+    for table in tables:
+        w = table.weight
+        read.setdefault(w.data_ptr(), min(rows, w.shape[0]) * w.shape[1] * w.element_size())
+    return sum(read.values())
 
 
 def run_batch(core: EngineCore, batch: int, input_len: int, output_len: int, seed: int) -> tuple[float, list[float]]:
