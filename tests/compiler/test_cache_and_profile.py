@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
 from kiln.compiler.cache import cache_key
 from kiln.compiler.profile import PROFILES, Profile, pick
@@ -45,3 +46,11 @@ def test_empty_buckets_are_refused(tmp_path):
 def test_pick_takes_the_smallest_bucket_that_holds_n():
     assert pick((2, 4, 8), 1) == 2 and pick((2, 4, 8), 4) == 4 and pick((2, 4, 8), 5) == 8
     assert pick((2, 4, 8), 9) is None
+
+
+@pytest.mark.parametrize("name", ["cpu.toml", "cpu-throughput.toml"])
+def test_cpu_profiles_let_inductor_vectorize(name):
+    if not valid_vec_isa_list():
+        pytest.skip("this CPU has no vector ISA Inductor can use")
+    with torch._inductor.config.patch(Profile.load(PROFILES / name).inductor):
+        assert pick_vec_isa(), "the profile's Inductor options leave the C++ kernels scalar"
