@@ -29,13 +29,14 @@ class EngineGroup:
     """
 
     @classmethod
-    def start(cls, args: ServerArgs, while_loading: Callable[[CheckpointLocated], None] | None = None) -> "EngineGroup":
+    def start(cls, args: ServerArgs, while_loading: Callable[[Callable[[], CheckpointLocated]], None] | None = None) -> "EngineGroup":
         """Starts `--dp-size` engine processes together and returns once all are ready (EngineStartError if one is not).
-        `while_loading` runs once the first engine has found its checkpoint, while the engines load and compile."""
+        `while_loading` runs as soon as they are spawned, while they import, load and compile; it is given a call
+        that waits until the first engine has found its checkpoint."""
         engines = [EngineClient(args, rank) for rank in range(args.dp_size)]
         try:
             if while_loading is not None:
-                while_loading(engines[0].wait_located())
+                while_loading(engines[0].wait_located)
             for engine in engines:
                 engine.wait_ready()
         except EngineStartError:
