@@ -5,8 +5,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Literal, TypeVar
 
 from kiln.serving.api.dp_router import PrefixRouter
-from kiln.serving.api.engine_client import EngineClient, EngineStartError
-from kiln.serving.api.errors import EngineUnavailable
+from kiln.serving.api.engine_client import EngineClient, EngineStartError, EngineUnavailable
 from kiln.serving.messages import CheckpointLocated, ControlReply, EngineInfo, EngineStats, GenerateRequest, PauseMode, TokenOutput
 from kiln.serving.sampling_params import InvalidRequest
 from kiln.serving.server_args import ServerArgs
