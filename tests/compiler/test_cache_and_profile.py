@@ -45,3 +45,24 @@ def test_empty_buckets_are_refused(tmp_path):
 def test_pick_takes_the_smallest_bucket_that_holds_n():
     assert pick((2, 4, 8), 1) == 2 and pick((2, 4, 8), 4) == 4 and pick((2, 4, 8), 5) == 8
     assert pick((2, 4, 8), 9) is None
+
+
+def test_the_cpu_profile_picks_a_vector_isa_without_probing_the_base_isas(monkeypatch):
+    """Inductor would build and load a probe (a Python subprocess) for each vector ISA the CPU reports, at
+    every start; under the CPU profile's options the CPU's flags decide, and only an extension such as VNNI
+    is still probed."""
+    from torch._inductor import cpu_vec_isa
+
+    check_build = cpu_vec_isa.VecISA.check_build
+
+    def probe(self, code: str) -> bool:
+        assert code != cpu_vec_isa.VecISA._avx_code, f"{self} was probed"
+        return check_build(self, code)  # Inductor caches the answer for the process: the true one
+
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", probe)
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    try:
+        with torch._inductor.config.patch(Profile.for_device("cpu").inductor):
+            cpu_vec_isa.pick_vec_isa()
+    finally:
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()  # listed under this profile's options: not the process's answer
