@@ -12,6 +12,7 @@ from tqdm import tqdm
 from kiln.compiler.cuda_graphs import DecodeGraphs
 from kiln.compiler.piecewise import CompileStats, PiecewiseGraph, piecewise_backend
 from kiln.compiler.profile import Profile, pick
+from kiln.compiler.unguarded_trace import load_unguarded
 from kiln.ops.attention import AttentionMetadata
 from kiln.ops.attention_decode_cpu import prepare_decode
 
@@ -144,9 +145,7 @@ class CompiledModel:
             self._forward.save_compiled_function(str(self.trace_file))
 
     def _load_trace(self) -> None:
-        with open(self.trace_file, "rb") as f:
-            self._forward = torch.compiler.load_compiled_function(f)
-        self._forward.disable_guard_check()
+        self._forward = load_unguarded(self.trace_file)
         # aot_compile keeps the backend's output as the function's compiled graph; it comes back unbound.
         graph: PiecewiseGraph = self._forward._artifacts.compiled_fn
         graph.bind(self.stats, self.profile.inductor)

@@ -236,11 +236,16 @@ class PiecewiseGraph(SerializableCallable):
     its trace-time metadata, each piece's input shapes, the decode kernels it needs): torch.compile's
     aot_compile saves it with Dynamo's bytecode, so a warm start loads the trace instead of tracing again."""
 
-    def __init__(self, split: fx.GraphModule, inputs: dict[str, list[InputSpec]], decode_kinds: set[tuple[int, int, float, int, float]]):
+    def __init__(
+        self, split: fx.GraphModule, inputs: dict[str, list[InputSpec]], decode_kinds: set[tuple[int, int, float, int, float]],
+        saved: fx.GraphModule | None,
+    ):  # fmt: skip
         self.split = split
         self.inputs = inputs
         self.decode_kinds = decode_kinds
-        self.saved = _without_metadata(split)  # bind() turns split's pieces into Pieces; this stays as cut
+        # What serialize_compile_artifacts writes: the graph as cut (bind() turns split's pieces into Pieces).
+        # A loaded trace has none: it is never saved again, and copying its graphs is a second of a warm start.
+        self.saved = saved
 
     @staticmethod
     def cut(gm: fx.GraphModule) -> "PiecewiseGraph":
@@ -251,7 +256,7 @@ class PiecewiseGraph(SerializableCallable):
                 _lower_cpu_decode(node, decode_kinds)
         split = _split(gm)
         inputs = {name: [_spec(n.meta["example_value"]) for n in sub.graph.nodes if n.op == "placeholder"] for name, sub in split.named_children()}
-        return PiecewiseGraph(split, inputs, decode_kinds)
+        return PiecewiseGraph(split, inputs, decode_kinds, _without_metadata(split))
 
     def bind(self, stats: CompileStats, inductor_options: dict[str, Any]) -> None:
         """Makes the pieces, which compile (or load) per bucket into `stats`."""
@@ -274,6 +279,8 @@ class PiecewiseGraph(SerializableCallable):
 
     @classmethod
     def serialize_compile_artifacts(cls, fn: "PiecewiseGraph") -> bytes:
+        if fn.saved is None:
+            raise RuntimeError("a trace loaded from the cache is saved there already")
         # GraphPickler keeps each graph node for node (plain pickling re-traces the code, which would cut
         # the model differently); any op may appear, Kiln's own included.
         return GraphPickler.dumps((fn.saved, fn.inputs, fn.decode_kinds), GraphPicklerOptions(ops_filter=None))
@@ -282,7 +289,7 @@ class PiecewiseGraph(SerializableCallable):
     def deserialize_compile_artifacts(cls, data: bytes) -> "PiecewiseGraph":
         split, inputs, decode_kinds = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
         split.recompile()  # GraphPickler brings back graphs without the code that runs them; this recompiles each child too
-        return PiecewiseGraph(split, inputs, decode_kinds)
+        return PiecewiseGraph(split, inputs, decode_kinds, None)
 
 
 def _without_metadata(gm: fx.GraphModule) -> fx.GraphModule:

@@ -143,7 +143,8 @@ def load_model(
         raise ValueError(f"{cls.__name__} cannot run tensor-parallel yet (--tp-size {tp.size}); serve it with --tp-size 1")
     with torch.device("meta"):
         model = cls(cfg) if tp.size == 1 else cls(cfg, tp=tp)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast on the meta device, then allocate: to_empty() first would allocate (and then convert) float32 copies.
+    model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
     if dummy_seed is None:

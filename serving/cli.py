@@ -5,6 +5,7 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 from kiln.serving.server_args import ServerArgs
 
@@ -26,12 +27,18 @@ def serve(argv: list[str]) -> int:
 
     tokenizer = None
 
-    def http_side(located: CheckpointLocated) -> None:
-        """This process's own start-up (its modules, the tokenizer), while the engines load and compile."""
+    def http_side(located: Callable[[], CheckpointLocated]) -> None:
+        """This process's own start-up while the engines start: its modules (while the engines import theirs,
+        on the other core), then the tokenizer, once the engine has found the checkpoint."""
         nonlocal tokenizer
-        from kiln.serving.api.app import load_http_tokenizer
+        import uvicorn  # noqa: F401  (used once the engines are ready)
 
-        tokenizer = load_http_tokenizer(args, located)
+        import kiln.serving.api.server  # noqa: F401
+        from kiln.serving.api.app import load_http_tokenizer
+        from kiln.serving.tokenizer import import_tokenizer_classes
+
+        import_tokenizer_classes()
+        tokenizer = load_http_tokenizer(args, located())
 
     try:
         engine = EngineGroup.start(args, http_side)

@@ -8,6 +8,11 @@ back to AutoTokenizer, which can convert a slow tokenizer.
 from typing import Any
 
 
+def import_tokenizer_classes() -> None:
+    """Imports what load_tokenizer uses (about a second), for a process with time to spare before it knows the path."""
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+
 def load_tokenizer(path: str) -> Any:
     """A transformers tokenizer (PreTrainedTokenizerBase) for a folder or hub id."""
     from transformers import PreTrainedTokenizerFast

@@ -10,7 +10,8 @@ from litestar.exceptions import NotFoundException
 
 from kiln import __version__
 from kiln.serving.api.context import ServingContext
-from kiln.serving.api.errors import EngineUnavailable, json_response
+from kiln.serving.api.engine_client import EngineUnavailable
+from kiln.serving.api.errors import json_response
 from kiln.serving.api.http_io import read_body
 from kiln.serving.api.auth import ADMIN
 from kiln.serving.api.metrics import CONTENT_TYPE

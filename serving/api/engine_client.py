@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import msgspec
 
-from kiln.serving.api.errors import EngineUnavailable
 from kiln.serving.messages import (
     AbortRequest,
     CheckpointLocated,
@@ -42,6 +41,10 @@ ENGINE_ENTRY = "kiln.serving.engine.process:run_engine"
 
 class EngineStartError(RuntimeError):
     pass
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine process is gone (or the server is shutting down): a 503 (errors.on_unavailable)."""
 
 
 def _run_engine(args: ServerArgs, conn: Any, dp_rank: int) -> None:

@@ -5,8 +5,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Literal, TypeVar
 
 from kiln.serving.api.dp_router import PrefixRouter
-from kiln.serving.api.engine_client import EngineClient, EngineStartError
-from kiln.serving.api.errors import EngineUnavailable
+from kiln.serving.api.engine_client import EngineClient, EngineStartError, EngineUnavailable
 from kiln.serving.messages import CheckpointLocated, ControlReply, EngineInfo, EngineStats, GenerateRequest, PauseMode, TokenOutput
 from kiln.serving.sampling_params import InvalidRequest
 from kiln.serving.server_args import ServerArgs
@@ -29,13 +28,14 @@ class EngineGroup:
     """
 
     @classmethod
-    def start(cls, args: ServerArgs, while_loading: Callable[[CheckpointLocated], None] | None = None) -> "EngineGroup":
+    def start(cls, args: ServerArgs, while_loading: Callable[[Callable[[], CheckpointLocated]], None] | None = None) -> "EngineGroup":
         """Starts `--dp-size` engine processes together and returns once all are ready (EngineStartError if one is not).
-        `while_loading` runs once the first engine has found its checkpoint, while the engines load and compile."""
+        `while_loading` runs as soon as they are spawned, while they import, load and compile; it is given a call
+        that waits until the first engine has found its checkpoint."""
         engines = [EngineClient(args, rank) for rank in range(args.dp_size)]
         try:
             if while_loading is not None:
-                while_loading(engines[0].wait_located())
+                while_loading(engines[0].wait_located)
             for engine in engines:
                 engine.wait_ready()
         except EngineStartError:

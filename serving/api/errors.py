@@ -8,15 +8,12 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from kiln.serving.api.engine_client import EngineUnavailable
 from kiln.serving.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 
 _OPENAI_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine process is gone (or the server is shutting down): a 503."""
 
 
 def json_response(content: object, status: int = 200) -> Response:

@@ -8,7 +8,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from kiln.serving.api.errors import EngineUnavailable, error_body, json_response
+from kiln.serving.api.engine_client import EngineUnavailable
+from kiln.serving.api.errors import error_body, json_response
 from kiln.serving.api.validator import decode_body
 from kiln.serving.sampling_params import InvalidRequest
 

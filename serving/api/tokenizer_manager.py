@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from kiln.serving.api.detokenizer import IncrementalDetokenizer, trim_stop
+from kiln.serving.api.engine_client import EngineUnavailable
 from kiln.serving.api.engine_group import EngineGroup
-from kiln.serving.api.errors import EngineUnavailable
 from kiln.serving.api.generation_gate import GenerationGate
 from kiln.serving.api.metrics import ServingMetrics
 from kiln.serving.api.served_model import ServedModel

@@ -5,7 +5,9 @@ collective in it (the pool size's agreement, warm-up forwards, CUDA graph captur
 on every rank.
 """
 
+import importlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ class RankModel:
 
 def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel, checkpoint: Path, cfg: ModelConfig, zeroed_pool: bool) -> RankModel:
     t0 = time.monotonic()
+    compiler_runtime = None if args.disable_compile else _prefetch_compiler_runtime()
     dummy = args.load_format == "dummy"
     free_before = available_memory(device)
     path = None if dummy else gguf_file(args.model_path)
@@ -91,12 +94,27 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     pool = KVPool(num_slots, cfg.num_hidden_layers, kv_heads, cfg.head_dim, dtype, device, max_running, context_len, zeroed=zeroed_pool)
     log.info("KV pool: %d tokens, %.2f GB", num_slots, num_slots * per_token / 1e9)
     t_pool = time.monotonic()
+    if compiler_runtime is not None:
+        compiler_runtime.join()
     compiled = None if args.disable_compile else _compile(args, tp, cfg, quantization, dtype, device, profile, model, pool)
     compile_s = compiled.stats.compile_seconds if compiled else 0.0
     seconds = {"load": t_load - t0, "pool_sizing": t_pool - t_load, "compile": compile_s, "warm_up": time.monotonic() - t_pool - compile_s}
     return RankModel(
         model, dtype, quantization, quantized, dense_from_rows, dummy_seed, context_len, max_running, pool, graph_reserve, compiled, profile, seconds
     )
+
+
+def _prefetch_compiler_runtime() -> threading.Thread:
+    """Starts what the compiler needs before its first piece and what does not need the model, so that it
+    overlaps reading the weights (mostly file reads and tensor copies, which release the GIL): Inductor's hash
+    of torch's sources, which every saved piece is checked against, and the modules every piece's code
+    imports (about 1.5 s of a warm start together)."""
+    from torch._inductor.codecache import torch_key
+
+    torch_key.prefetch()  # on torch's own worker thread
+    thread = threading.Thread(target=importlib.import_module, args=("torch._inductor.select_algorithm",), name="kiln-compiler-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _dense_from_rows(model: nn.Module, profile: Profile, free: int) -> int:

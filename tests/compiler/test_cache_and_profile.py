@@ -54,3 +54,24 @@ def test_cpu_profiles_let_inductor_vectorize(name):
         pytest.skip("this CPU has no vector ISA Inductor can use")
     with torch._inductor.config.patch(Profile.load(PROFILES / name).inductor):
         assert pick_vec_isa(), "the profile's Inductor options leave the C++ kernels scalar"
+
+
+def test_the_cpu_profile_picks_a_vector_isa_without_probing_the_base_isas(monkeypatch):
+    """Inductor would build and load a probe (a Python subprocess) for each vector ISA the CPU reports, at
+    every start; under the CPU profile's options the CPU's flags decide, and only an extension such as VNNI
+    is still probed."""
+    from torch._inductor import cpu_vec_isa
+
+    check_build = cpu_vec_isa.VecISA.check_build
+
+    def probe(self, code: str) -> bool:
+        assert code != cpu_vec_isa.VecISA._avx_code, f"{self} was probed"
+        return check_build(self, code)  # Inductor caches the answer for the process: the true one
+
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", probe)
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    try:
+        with torch._inductor.config.patch(Profile.for_device("cpu").inductor):
+            cpu_vec_isa.pick_vec_isa()
+    finally:
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()  # listed under this profile's options: not the process's answer
