@@ -4,6 +4,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,6 +133,22 @@ def read_config(folder: Path) -> ModelConfig:
     return cfg
 
 
+@contextmanager
+def _no_initial_values() -> Iterator[None]:
+    """torch.nn.init's functions as no-ops while a model is built on the meta device: its tensors have no values
+    to fill, and nn.init's meta path imports Dynamo (about 1.2 s of every start, eager ones included). They are
+    module attributes that torch's layers look up at each call, so this holds for the block only."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def load_model(
     folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, is_embedding: bool = False, dummy_seed: int | None = None,
     tp: TensorParallel = TensorParallel(),
@@ -141,7 +159,7 @@ def load_model(
     cls = model_class(cfg, is_embedding)
     if tp.size > 1 and not getattr(cls, "tensor_parallel", False):
         raise ValueError(f"{cls.__name__} cannot run tensor-parallel yet (--tp-size {tp.size}); serve it with --tp-size 1")
-    with torch.device("meta"):
+    with torch.device("meta"), _no_initial_values():
         model = cls(cfg) if tp.size == 1 else cls(cfg, tp=tp)
     # Cast on the meta device, then allocate: to_empty() first would allocate (and then convert) float32 copies.
     model = model.to(dtype).to_empty(device=device)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch._inductor.codecache import CppPythonBindingsCodeCache
 
 _SOURCE = Path(__file__).with_suffix(".cpp")
 _CPP_TYPES = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
@@ -52,6 +51,10 @@ def _build(key: tuple[object, ...]) -> Callable[..., None]:
         f"using q_t = {_CPP_TYPES[q_dtype]};\nusing kv_t = {_CPP_TYPES[kv_dtype]};\n"
         f"constexpr int64_t KVH = {kv_heads}, G = {heads // kv_heads}, D = {dim};\n"
     )
+    # Imported here: it pulls in Dynamo and Inductor (about 1.5 s), which an eager server never needs and a
+    # compiled one imports beside its weight loading.
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
     return CppPythonBindingsCodeCache.load_pybinding(_ARG_TYPES, head + _SOURCE.read_text())
 
 

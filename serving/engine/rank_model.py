@@ -11,13 +11,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from kiln.compiler.cache import cache_key, use_cache_dir
-from kiln.compiler.compiled_model import CompiledModel
 from kiln.compiler.cuda_graphs import probe_graph_memory
 from kiln.compiler.profile import Profile
 from kiln.models.config import ModelConfig
@@ -28,6 +28,9 @@ from kiln.ops.tensor_parallel import TensorParallel
 from kiln.serving.engine.device import available_memory, resolve_quantization
 from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.server_args import ServerArgs
+
+if TYPE_CHECKING:  # imported where it compiles: it pulls in Dynamo and Inductor, which an eager server never needs
+    from kiln.compiler.compiled_model import CompiledModel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class RankModel:
     max_running: int
     pool: KVPool
     graph_reserve: int
-    compiled: CompiledModel | None
+    compiled: "CompiledModel | None"
     profile: Profile
     seconds: dict[str, float] = field(default_factory=dict)  # load, pool_sizing, compile, warm_up
 
@@ -107,12 +110,17 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
 def _prefetch_compiler_runtime() -> threading.Thread:
     """Starts what the compiler needs before its first piece and what does not need the model, so that it
     overlaps reading the weights (mostly file reads and tensor copies, which release the GIL): Inductor's hash
-    of torch's sources, which every saved piece is checked against, and the modules every piece's code
-    imports (about 1.5 s of a warm start together)."""
-    from torch._inductor.codecache import torch_key
+    of torch's sources, which every saved piece is checked against, Kiln's compiler with Dynamo and Inductor,
+    and the modules every piece's code imports (about 3 s of a warm start together)."""
 
-    torch_key.prefetch()  # on torch's own worker thread
-    thread = threading.Thread(target=importlib.import_module, args=("torch._inductor.select_algorithm",), name="kiln-compiler-imports", daemon=True)
+    def prefetch() -> None:
+        from torch._inductor.codecache import torch_key
+
+        torch_key.prefetch()  # on torch's own worker thread
+        for module in ("kiln.compiler.compiled_model", "torch._inductor.select_algorithm"):
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=prefetch, name="kiln-compiler-imports", daemon=True)
     thread.start()
     return thread
 
@@ -139,7 +147,9 @@ def _smallest(num_slots: int, tp: TensorParallel) -> int:
 def _compile(
     args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile,
     model: nn.Module, pool: KVPool,
-) -> CompiledModel:
+) -> "CompiledModel":
+    from kiln.compiler.compiled_model import CompiledModel
+
     # A shard's shapes differ with the rank count: one cache per --tp-size, which the ranks share (Inductor's
     # keys tell their pieces apart).
     sharding = {"kiln_tp_size": tp.size} if tp.size > 1 else {}

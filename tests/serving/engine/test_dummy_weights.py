@@ -2,6 +2,8 @@
 real checkpoint of the same shape can replace the dummy weights (a failed copy brings the dummy ones back)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,16 @@ def test_tokenizer_files_next_to_the_config_are_used(folders, tmp_path):
     (tmp_path / "config.json").write_text((folders["config"] / "config.json").read_text())
     core = engine(tmp_path, load_format="dummy")
     assert core.tokenizer is not None and core.limits.has_tokenizer
+
+
+def test_an_eager_engine_imports_neither_dynamo_nor_inductor(folders):
+    """They cost about 3 s of a start; an engine that compiles nothing has no use for them."""
+    code = (
+        "import sys; from kiln.serving.engine.core import EngineCore; from kiln.serving.server_args import ServerArgs; "
+        f"EngineCore(ServerArgs(model_path={str(folders['config'])!r}, load_format='dummy', dtype='float32', "
+        "max_total_tokens=1024, disable_compile=True)); "
+        "print([m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
