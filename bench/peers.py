@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from kiln.serving.server_args import ServerArgs
+
 
 @dataclass
 class Peer:
@@ -69,10 +71,13 @@ def _stop(proc: subprocess.Popen) -> None:
 def launched(peer: Peer, port: int, log_path: Path, timeout_s: float = 600.0) -> Iterator[str]:
     """Runs the peer until the block ends; yields its base URL once its health path answers 200.
 
-    Every peer gets OMP_WAIT_POLICY=PASSIVE: on a small machine shared with the load generator (and
-    other work), OpenMP workers that spin while idle made steps many times slower.
+    Every peer gets the same OpenMP spin count, Kiln's default (llama.cpp's and torch's CPU kernels both run
+    on libgomp): libgomp's own default spins 3 ms, which on a small machine shared with the load generator
+    made steps many times slower, and OMP_WAIT_POLICY=PASSIVE (used here before) makes every parallel
+    region wait for sleeping threads to wake.
     """
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["GOMP_SPINCOUNT"] = str(ServerArgs().omp_spin_count)
     base = f"http://127.0.0.1:{port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:

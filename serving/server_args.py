@@ -57,6 +57,11 @@ class ServerArgs:
         "", "weight-only quantized linears on the CPU: int8wo, int4wo-32|64|128|256, or none (default: a GGUF's own Q4_1 "
         "weights as int4wo-32 when the activations are bfloat16, else dense)",
     )  # fmt: skip
+    omp_spin_count: int = _opt(
+        100_000, "CPU: how long an idle OpenMP worker of the engine spins before it sleeps (libgomp's GOMP_SPINCOUNT, set in "
+        "the engine process unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set): long enough to span the gaps between a "
+        "step's kernels, short enough to hand idle cores back between steps",
+    )  # fmt: skip
     disable_compile: bool = _opt(False, "run the model eagerly instead of compiling one graph per shape bucket")
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
     compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")
