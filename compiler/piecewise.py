@@ -31,6 +31,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.split_module import split_module
 
 from kiln.compiler.cuda_graphs import PieceGraph
+from kiln.compiler.quantized_linears import lower_quantized_linears
 from kiln.ops.attention import attention_op
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,12 @@ class Piece(torch.nn.Module):
         tensors = [a for a in args if not isinstance(a, int)]
         # A tracing context with a shape env lets Inductor's FX graph cache (the persistent one) take pieces
         # compiled outside Dynamo; buckets whose pieces lower to the same graph share one Inductor compile.
+        gm = _specialize(self.gm, args)
+        if tensors[0].device.type == "cpu":
+            lower_quantized_linears(gm, tensors)
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
             compiled = standalone_compile(
-                _specialize(self.gm, args), tensors, dynamic_shapes="from_tracing_context", options={"config_patches": self.options},
+                gm, tensors, dynamic_shapes="from_tracing_context", options={"config_patches": self.options},
                 donate_graph_module=True,
             )  # fmt: skip
         if saved is not None:
