@@ -110,7 +110,7 @@ def load_q4_1(
     block stays dense (logged), for `quantize` to take. With the blocks cached, the layers' packed buffers are
     cached beside them (`gguf_q4_packed.py`) and taken from there on later loads."""
     tensors = gguf.tensors
-    path = None if gguf.cache is None else packed_path(gguf.cache, tp)
+    path = None if gguf.cache is None else packed_path(gguf.cache, dtype, tp)
     key = packed_key(dtype, tp, Q4_1_GROUP)
     cached = {} if path is None else read_packed(path, key)
     buffers: dict[str, tuple[Tensor, Tensor]] = {}

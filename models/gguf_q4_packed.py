@@ -4,11 +4,11 @@ start on two cores).
 
 What a file holds depends on more than the blocks: the packed layout is torch's own
 (`_convert_weight_to_int4pack_for_cpu`) and may change between versions, the scales and zeros are stored in the
-activations' dtype, and a tensor-parallel rank holds its own shards. So each rank has its own file (ranks load
-at once), and the file's metadata carries the whole key; a file with another key, one safetensors cannot read
-(cut short, garbled header), or one whose tensors have other shapes is not used, and the loader packs again and
-rewrites it, aside and renamed as `GGUFQ4_1` writes its blocks. The float32 copies (`dense_from_rows`) are not
-kept: they are four times the size of the weights and rebuilt from the blocks.
+activations' dtype, and a tensor-parallel rank holds its own shards. So each rank (ranks load at once) and dtype
+has its own file, and the file's metadata carries the whole key; a file with another key, one safetensors cannot
+read (cut short, garbled header), or one whose tensors have other shapes is not used, and the loader packs again
+and rewrites it, aside and renamed as `GGUFQ4_1` writes its blocks. The float32 copies (`dense_from_rows`) are
+not kept: they are four times the size of the weights and rebuilt from the blocks.
 """
 
 import logging
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 FORMAT = "1"
 
 
-def packed_path(blocks: Path, tp: TensorParallel) -> Path:
-    # Safetensors inside, but not named *.safetensors: the checkpoint's weights are every such file in the folder.
-    return blocks.with_name(f"q4_1.packed.tp{tp.rank}of{tp.size}")
+def packed_path(blocks: Path, dtype: torch.dtype, tp: TensorParallel) -> Path:
+    """Safetensors inside, but not named *.safetensors: the checkpoint's weights are every such file in the folder."""
+    return blocks.with_name(f"q4_1.packed.{str(dtype).removeprefix('torch.')}.tp{tp.rank}of{tp.size}")
 
 
 def packed_key(dtype: torch.dtype, tp: TensorParallel, group_size: int) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The packed int4 buffers cached beside a GGUF's Q4_1 blocks: a second load takes them as they were made, and a
-file for another dtype, rank or torch, or one cut short or garbled, is packed again and rewritten. SmolLM2's first
+file written for another dtype, rank or torch, or one cut short or garbled, is packed again and rewritten. SmolLM2's first
 two layers, on a model built on the meta device (only the replaced projections hold values)."""
 
 import dataclasses
@@ -77,7 +77,7 @@ def metadata(path: Path) -> dict[str, str]:
 def test_a_second_load_takes_the_buffers_made_by_the_first(cache, packings, dense_from_rows):
     first = load(cache, dense_from_rows=dense_from_rows)
     assert len(packings) == 4 * LAYERS
-    path = packed_path(cache, TensorParallel())
+    path = packed_path(cache, torch.bfloat16, TensorParallel())
     written = path.stat()
     assert metadata(path)["dtype"] == "bfloat16" and metadata(path)["torch"] == torch.__version__
     second = load(cache, dense_from_rows=dense_from_rows)
@@ -87,15 +87,21 @@ def test_a_second_load_takes_the_buffers_made_by_the_first(cache, packings, dens
     assert_same(second, first)
 
 
+def fresh_blocks(cache: Path, tmp_path: Path) -> Path:
+    """The same blocks in a folder with no packed file yet."""
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "q4_1.blocks").symlink_to(cache.resolve())
+    return tmp_path / "fresh" / "q4_1.blocks"
+
+
 def test_a_file_for_another_dtype_is_packed_again(cache, packings, tmp_path):
+    bf16, f32 = packed_path(cache, torch.bfloat16, TensorParallel()), packed_path(cache, torch.float32, TensorParallel())
     load(cache, torch.bfloat16)
+    shutil.copy(bf16, f32)  # bfloat16's buffers under float32's name
     got = load(cache, torch.float32)
     assert len(packings) == 2 * 4 * LAYERS
-    assert metadata(packed_path(cache, TensorParallel()))["dtype"] == "float32"
-    (tmp_path / "fresh").mkdir()
-    fresh = tmp_path / "fresh" / "q4_1.blocks"
-    fresh.symlink_to(cache.resolve())
-    assert_same(got, load(fresh, torch.float32))
+    assert metadata(f32)["dtype"] == "float32" and metadata(bf16)["dtype"] == "bfloat16"  # each dtype keeps its own file
+    assert_same(got, load(fresh_blocks(cache, tmp_path), torch.float32))
     assert_same(load(cache, torch.float32), got)  # and the rewritten file serves the next load
     assert len(packings) == 3 * 4 * LAYERS
 
@@ -103,15 +109,12 @@ def test_a_file_for_another_dtype_is_packed_again(cache, packings, tmp_path):
 def test_a_file_for_another_rank_is_packed_again(cache, packings, tmp_path):
     first, second = TensorParallel(0, 2), TensorParallel(1, 2)
     load(cache, tp=first)
-    shutil.copy(packed_path(cache, first), packed_path(cache, second))  # rank 0's shards under rank 1's name
+    shutil.copy(packed_path(cache, torch.bfloat16, first), packed_path(cache, torch.bfloat16, second))  # rank 0's shards under rank 1's name
     got = load(cache, tp=second)
     assert len(packings) == 2 * 4 * LAYERS
-    assert metadata(packed_path(cache, second))["tp_rank"] == "1"
-    assert metadata(packed_path(cache, first))["tp_rank"] == "0"  # each rank keeps its own file
-    (tmp_path / "fresh").mkdir()
-    fresh = tmp_path / "fresh" / "q4_1.blocks"
-    fresh.symlink_to(cache.resolve())
-    assert_same(got, load(fresh, tp=second))
+    assert metadata(packed_path(cache, torch.bfloat16, second))["tp_rank"] == "1"
+    assert metadata(packed_path(cache, torch.bfloat16, first))["tp_rank"] == "0"  # each rank keeps its own file
+    assert_same(got, load(fresh_blocks(cache, tmp_path), tp=second))
 
 
 def cut_short(path: Path) -> None:
@@ -144,7 +147,7 @@ def from_another_torch(path: Path) -> None:
 @pytest.mark.parametrize("spoil", [cut_short, garble_header, drop_a_layer, shrink_a_layer, from_another_torch])
 def test_a_spoilt_file_is_not_trusted(cache, packings, spoil):
     first = load(cache)
-    path = packed_path(cache, TensorParallel())
+    path = packed_path(cache, torch.bfloat16, TensorParallel())
     spoil(path)
     again = load(cache)
     assert len(packings) == 4 * LAYERS + (1 if spoil in (drop_a_layer, shrink_a_layer) else 4 * LAYERS)
