@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kiln.models.config import ModelConfig
+from kiln.models.gguf_q4_packed import packed_buffers, packed_key, packed_path, read_packed, write_packed
 from kiln.models.quantize import replace_linear
 from kiln.ops.quant_linear import Int4Linear
 from kiln.ops.tensor_parallel import TensorParallel
@@ -106,10 +107,14 @@ def load_q4_1(
 ) -> int:
     """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many. A
     tensor-parallel rank reads its shard's rows or input blocks only; a row-parallel shard that splits a
-    block stays dense (logged), for `quantize` to take."""
+    block stays dense (logged), for `quantize` to take. With the blocks cached, the layers' packed buffers are
+    cached beside them (`gguf_q4_packed.py`) and taken from there on later loads."""
     tensors = gguf.tensors
-    head_parts = ("attn_q", "attn_k")
-    replaced = 0
+    path = None if gguf.cache is None else packed_path(gguf.cache, dtype, tp)
+    key = packed_key(dtype, tp, Q4_1_GROUP)
+    cached = {} if path is None else read_packed(path, key)
+    buffers: dict[str, tuple[Tensor, Tensor]] = {}
+    packed_now = False
     for layer in range(cfg.num_hidden_layers):
         for module, parts in MODULES.items():
             found = [tensors.get(f"blk.{layer}.{part}.weight") for part in parts]
@@ -119,20 +124,37 @@ def load_q4_1(
             if any(raw is None for raw in raws):
                 log.info("layers.%d.%s: its rank-%d shard splits Q4_1 blocks, so it is loaded dense", layer, module, tp.rank)
                 continue
-            groups = []
-            for part, raw in zip(parts, raws):
-                q, scale, zero = q4_1_groups(raw)
-                if cfg.model_type == "llama" and part in head_parts:
-                    # The reordering stays within each head, and a shard holds whole heads.
-                    order = _llama_row_order(q.shape[0], q.shape[0] // cfg.head_dim)
-                    q, scale, zero = q[order], scale[order], zero[order]
-                groups.append((q, scale, zero))
             name = f"layers.{layer}.{module}"
             dense = model.get_submodule(name)
-            q, scale, zero = (torch.cat(g) for g in zip(*groups))
-            if q.shape != dense.weight.shape:
-                raise ValueError(f"{gguf.path.name}: {name} is {tuple(q.shape)} in the GGUF but {tuple(dense.weight.shape)} in the model")
+            out_features, in_features = dense.weight.shape
             bias = None if dense.bias is None else dense.bias.detach()
-            replace_linear(model, name, Int4Linear(q, scale, zero, bias, dtype, dense_from_rows))
-            replaced += 1
-    return replaced
+            done = packed_buffers(cached, name, out_features, in_features, key)
+            if done is None:
+                q, scale, zero = _module_groups(parts, raws, cfg)
+                if q.shape != dense.weight.shape:
+                    raise ValueError(f"{gguf.path.name}: {name} is {tuple(q.shape)} in the GGUF but {tuple(dense.weight.shape)} in the model")
+                int4 = Int4Linear(q, scale, zero, bias, dtype, dense_from_rows)
+                packed_now = True
+            else:
+                # The float32 copy is not cached (4 bytes a weight): it is rebuilt from the blocks' values.
+                q = _module_groups(parts, raws, cfg)[0] if dense_from_rows else None
+                int4 = Int4Linear.from_packed(*done, in_features, bias, dense_from_rows, q)
+            replace_linear(model, name, int4)
+            buffers[name] = (int4.packed, int4.scales_zeros)
+    if path is not None and (packed_now or len(cached) != 2 * len(buffers)):
+        write_packed(path, key, buffers)
+    return len(buffers)
+
+
+def _module_groups(parts: tuple[str, ...], raws: list[np.ndarray], cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """One module's (q, scale, zero), its GGUF tensors' rows in the model's order and fused."""
+    groups = []
+    for part, raw in zip(parts, raws):
+        q, scale, zero = q4_1_groups(raw)
+        if cfg.model_type == "llama" and part in ("attn_q", "attn_k"):
+            # The reordering stays within each head, and a shard holds whole heads.
+            order = _llama_row_order(q.shape[0], q.shape[0] // cfg.head_dim)
+            q, scale, zero = q[order], scale[order], zero[order]
+        groups.append((q, scale, zero))
+    q, scale, zero = (torch.cat(g) for g in zip(*groups))
+    return q, scale, zero

@@ -122,23 +122,43 @@ class Int4Linear(nn.Module):
         """q: [out, in] values 0..15; scale, zero: [out, in / group]; w = (q - 8) * scale + zero.
         dense_from_rows > 0 keeps a float32 copy for that many rows and more."""
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.group_size = q.shape[1] // scale.shape[1]
-        if not int4_fits(self.out_features, self.in_features, self.group_size):
-            raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % group == 0, got {tuple(q.shape)}, group {self.group_size}")
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
+        out_features, in_features = q.shape
+        group_size = in_features // scale.shape[1]
+        if not int4_fits(out_features, in_features, group_size):
+            raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % group == 0, got {tuple(q.shape)}, group {group_size}")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         # The kernel's layout: [in / group, out, (scale, zero)].
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype))
-        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self._hold(packed, scales_zeros, in_features, bias, dense_from_rows, q)
+
+    @classmethod
+    def from_packed(
+        cls, packed: Tensor, scales_zeros: Tensor, in_features: int, bias: Tensor | None, dense_from_rows: int = 0, q: Tensor | None = None
+    ) -> "Int4Linear":
+        """A layer from the buffers another one made (`packed`, in this torch's layout, and `scales_zeros`, in
+        the activations' dtype), without packing again. The float32 copy (dense_from_rows > 0) needs q."""
+        if dense_from_rows and q is None:
+            raise ValueError("a float32 copy (dense_from_rows > 0) is rebuilt from q, which was not given")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._hold(packed, scales_zeros, in_features, bias, dense_from_rows, q)
+        return layer
+
+    def _hold(self, packed: Tensor, scales_zeros: Tensor, in_features: int, bias: Tensor | None, dense_from_rows: int, q: Tensor | None) -> None:
+        self.out_features, self.in_features = scales_zeros.shape[1], in_features
+        self.group_size = in_features // scales_zeros.shape[0]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.to(scales_zeros.dtype), requires_grad=False)
         self.dense_from_rows = dense_from_rows
-        self.register_buffer("dense", _int4_dense(q, scale.to(dtype), zero.to(dtype)) if dense_from_rows else None)
+        self.register_buffer("dense", _int4_dense(q, scales_zeros) if dense_from_rows else None)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.kiln.linear_int4(x, self.packed, self.scales_zeros, self.group_size, self.bias, self.dense, self.dense_from_rows)
 
 
-def _int4_dense(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+def _int4_dense(q: Tensor, scales_zeros: Tensor) -> Tensor:
     """The float32 weights the int4 kernel computes with: its scales and zeros in the activations' dtype."""
     out_features, in_features = q.shape
-    groups = q.float().view(out_features, scale.shape[1], -1)
-    return ((groups - 8) * scale.float()[..., None] + zero.float()[..., None]).view(out_features, in_features)
+    scale, zero = (scales_zeros[..., i].t().float()[..., None] for i in (0, 1))
+    return ((q.float().view(out_features, scales_zeros.shape[0], -1) - 8) * scale + zero).view(out_features, in_features)

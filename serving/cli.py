@@ -67,7 +67,7 @@ Compiles every shape bucket of the model into the persistent compile cache, then
 `kiln serve` with the same model, dtype, device, profile and flags loads every piece and compiles nothing:
 it saves Dynamo's trace of the model (dynamo-trace.bin), each compiled piece per bucket (piece-*.bin) and
 Inductor's caches (with the built CPU decode attention kernel) in the cache folder, and a GGUF's converted
-checkpoint and Q4_1 blocks under <--cache-dir>/gguf.
+checkpoint, Q4_1 blocks and their packed int4 layers (per dtype and torch version) under <--cache-dir>/gguf.
 
 The cache lives in --compile-cache-dir (default: <--cache-dir>/compile, i.e. ~/.cache/kiln/compile), one
 folder per key (model config, dtype, device, profile, torch and Kiln versions); converted GGUF checkpoints

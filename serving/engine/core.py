@@ -1,5 +1,7 @@
 """The model loop's owner: loads the model, sizes the KV pool, steps the scheduler."""
 
+from __future__ import annotations
+
 import logging
 import time
 import traceback
@@ -7,11 +9,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
-import xgrammar as xgr
 
 from kiln.models.bert import BertModel
 from kiln.models.dummy import has_tokenizer
@@ -22,7 +23,7 @@ from kiln.ops.tensor_parallel import TensorParallel
 from kiln.serving.engine.device import resolve_device
 from kiln.serving.engine.expert_recorder import DISABLED as EXPERT_RECORDER_DISABLED
 from kiln.serving.engine.expert_recorder import ExpertRecorder
-from kiln.serving.engine.grammar import GrammarCompiler, grammar_key
+from kiln.serving.engine.grammar import GrammarCompiler, grammar_key, grammar_matcher
 from kiln.serving.engine.grammar_mask import GrammarMask
 from kiln.serving.engine.logprobs import record_input_logprobs, record_logprobs
 from kiln.serving.engine.model_runner import ModelRunner
@@ -50,6 +51,9 @@ from kiln.serving.messages import (
 from kiln.serving.request_checks import InvalidRequest, check_request
 from kiln.serving.server_args import ServerArgs
 from kiln.serving.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # imported with the first grammar (grammar.py)
+    import xgrammar as xgr
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +223,7 @@ class EngineCore:
                 req.finish_reason = FinishAbort(str(future.exception()), 400)
                 outputs.append(token_output(req))
             else:
-                req.grammar = xgr.GrammarMatcher(future.result())
+                req.grammar = grammar_matcher(future.result())
                 self.scheduler.add(req)
         self.compiling = still
         return outputs

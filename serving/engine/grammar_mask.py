@@ -1,8 +1,9 @@
-"""The token bitmask of the constrained rows of a step: filled while the forward runs, applied after it."""
+"""The token bitmask of the constrained rows of a step: filled while the forward runs, applied after it.
+
+A constrained row means a grammar was compiled, which imported xgrammar; the bitmask is made then."""
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import xgrammar as xgr
 from torch import Tensor
 
 from kiln.serving.engine.request import Req
@@ -10,8 +11,8 @@ from kiln.serving.engine.request import Req
 
 class GrammarMask:
     def __init__(self, vocab_size: int, max_rows: int):
-        self.bitmask = xgr.allocate_token_bitmask(max_rows, vocab_size)
-        self.vocab_size = vocab_size
+        self.bitmask: Tensor | None = None
+        self.vocab_size, self.max_rows = vocab_size, max_rows
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 
     def start(self, reqs: list[Req]) -> Future[list[int]] | None:
@@ -19,6 +20,10 @@ class GrammarMask:
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not rows:
             return None
+        if self.bitmask is None:
+            import xgrammar as xgr
+
+            self.bitmask = xgr.allocate_token_bitmask(self.max_rows, self.vocab_size)
         # The matchers depend only on the tokens accepted so far, so this overlaps the forward.
         return self.worker.submit(self._fill, reqs, rows)
 
@@ -31,6 +36,8 @@ class GrammarMask:
         """In place: -inf on every token the grammar forbids, in the constrained rows only.
 
         With `only`, logits is that one row of the batch (sampled alone after a batched failure)."""
+        import xgrammar as xgr
+
         rows = pending.result()
         if only is not None:
             if only in rows:

@@ -1,14 +1,18 @@
 """One request's state inside the engine, and the rules that finish it."""
 
+from __future__ import annotations
+
 import re
 import time
 from collections.abc import Callable
-
-import xgrammar as xgr
+from typing import TYPE_CHECKING
 
 from kiln.serving.engine.noise import as_int64
 from kiln.serving.messages import FinishAbort, FinishLength, FinishReason, FinishStop, LogprobRequest
 from kiln.serving.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # imported with the first grammar (grammar.py)
+    import xgrammar as xgr
 
 
 # A stop_regex is searched in the text of this many newest output tokens, so each step costs the same.

@@ -1,6 +1,7 @@
 """int8 and int4 weight-only linears against their own de-quantized weights, eager and inside torch.compile,
 on the packed kernels and on their float32 copies (`dense_from_rows`)."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -61,6 +62,22 @@ def test_int4_matches_its_dequantized_weights(rows, groups, group, sixteens, bia
         assert torch.equal(layer.dense, deq)
     x = torch.randn(rows, n_in, generator=g).to(dtype)
     assert_close(layer(x), reference(x, deq, None if b is None else b.to(dtype)), dtype, n_in)
+
+
+def test_int4_from_packed_buffers_is_the_same_layer():
+    """What the Q4_1 cache rebuilds layers with: another layer's buffers, and q for the float32 copy."""
+    g = torch.Generator().manual_seed(0)
+    q, scale, zero = int4_weights(torch.randn(48, 128, generator=g), 32)
+    bias = torch.randn(48, generator=g)
+    made = Int4Linear(q, scale, zero, bias, torch.bfloat16, dense_from_rows=8)
+    again = Int4Linear.from_packed(made.packed, made.scales_zeros, 128, bias, dense_from_rows=8, q=q)
+    assert (again.out_features, again.in_features, again.group_size) == (48, 128, 32)
+    assert all(torch.equal(a, b) for a, b in zip(made.state_dict().values(), again.state_dict().values(), strict=True))
+    for rows in (2, 8):  # packed kernel, float32 copy
+        x = torch.randn(rows, 128, generator=g).bfloat16()
+        assert torch.equal(again(x), made(x))
+    with pytest.raises(ValueError, match="rebuilt from q"):
+        Int4Linear.from_packed(made.packed, made.scales_zeros, 128, bias, dense_from_rows=8)
 
 
 def test_compiled_across_row_counts_without_recompiles():

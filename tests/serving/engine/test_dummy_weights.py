@@ -2,6 +2,7 @@
 real checkpoint of the same shape can replace the dummy weights (a failed copy brings the dummy ones back)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,31 @@ def test_an_eager_engine_imports_neither_dynamo_nor_inductor(folders):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_xgrammar_is_imported_with_the_first_grammar(tmp_path):
+    """Importing it and handing it the vocabulary cost about half a second of every start otherwise."""
+    from transformers import AutoTokenizer
+
+    from kiln.models.loader import resolve_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(None, Path.home() / ".cache" / "kiln"))
+    tokenizer.save_pretrained(tmp_path)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPE, "vocab_size": len(tokenizer)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = (
+        "import sys; from kiln.serving.engine.core import EngineCore; from kiln.serving.server_args import ServerArgs; "
+        "from kiln.serving.messages import GenerateRequest; from kiln.serving.sampling_params import SamplingParams; "
+        f"core = EngineCore(ServerArgs(model_path={str(tmp_path)!r}, load_format='dummy', dtype='float32', "
+        "max_total_tokens=1024, disable_compile=True)); "
+        "print('xgrammar' in sys.modules, core.grammars is not None); "
+        "core.add(GenerateRequest('0', [1, 2, 3], SamplingParams(temperature=0, max_new_tokens=5, regex='[0-9]{5}'))); "
+        "ids = [t for _ in iter(lambda: core.has_work, False) for o in core.step() for t in o.new_ids]; "
+        "print('xgrammar' in sys.modules, repr(core.tokenizer.decode(ids)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = out.stdout.strip().splitlines()[-2:]
+    assert before == "False True"  # a tokenizer and grammars, but no xgrammar yet
+    imported, text = after.split(" ", 1)
+    assert imported == "True" and re.fullmatch("'[0-9]{5}'", text), after
