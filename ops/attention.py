@@ -194,14 +194,15 @@ def _attention(
     # CPU, nested custom-op dispatch costs about as much as decode attention itself.
     store, decode, extend = _kernels(q)
     kc, vc = k_cache[layer], v_cache[layer]
-    store(k, v, kc, vc, out_slots)
-    q = q.contiguous()
     longest = int(max_extend_len[0])
     # A single new token sees every earlier one, causal or not, so decode serves both.
     if longest <= 1 and q.shape[0] == req_indices.shape[0]:
         if inplace_decode and not q.is_cuda:
-            decode = decode_inplace
-        return decode(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+            return decode_inplace(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap, (k, v, out_slots))
+        store(k, v, kc, vc, out_slots)
+        return decode(q.contiguous(), kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+    store(k, v, kc, vc, out_slots)
+    q = q.contiguous()
     return extend(
         q, kc, vc, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, longest, scale, causal, sliding_window, logit_cap
     )

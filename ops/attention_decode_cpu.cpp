@@ -126,19 +126,34 @@ static void attend_chunk(const q_t* q, const kv_t* k_cache, const kv_t* v_cache,
 
 // q: [batch, KVH * G, D]; caches: [slots, KVH, D]; table: req_to_token, rows `table_stride` apart; rows, lens:
 // [batch] int64; out: [batch, KVH * G, D]; scratch: [batch, KVH, chunks, G, PART] floats when chunks > 1.
+// k_new, v_new: `stores` rows of [KVH, D] (`new_stride` elements apart) written to the caches at out_slots first.
 extern "C" void kernel(const q_t* q, const kv_t* k_cache, const kv_t* v_cache, const int32_t* table, const int64_t* rows,
-                       const int64_t* lens, q_t* out, float* scratch, int64_t batch, int64_t table_stride, int64_t chunks,
-                       int64_t threads, float scale, int64_t window, float cap) {
+                       const int64_t* lens, q_t* out, float* scratch, const q_t* k_new, const q_t* v_new, const int64_t* out_slots,
+                       int64_t batch, int64_t table_stride, int64_t chunks, int64_t threads, float scale, int64_t window, float cap,
+                       int64_t stores, int64_t k_new_stride, int64_t v_new_stride) {
     constexpr float NO_KEY = -std::numeric_limits<float>::infinity();
 #pragma omp parallel num_threads(threads)
     {
+        // This step's K/V, which every request's newest key is, before any task reads the pool. A few hundred
+        // bytes a row: one thread, so padding rows that share a scratch slot do not race; the barrier at its end
+        // holds the others.
+#pragma omp single
+        for (int64_t r = 0; r < stores; ++r) {
+            kv_t* k = const_cast<kv_t*>(k_cache) + out_slots[r] * KVH * D;
+            kv_t* v = const_cast<kv_t*>(v_cache) + out_slots[r] * KVH * D;
+            for (int64_t i = 0; i < KVH * D; ++i) {
+                k[i] = static_cast<kv_t>(static_cast<float>(k_new[r * k_new_stride + i]));
+                v[i] = static_cast<kv_t>(static_cast<float>(v_new[r * v_new_stride + i]));
+            }
+        }
 #pragma omp for collapse(3) schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b)
             for (int64_t h = 0; h < KVH; ++h)
                 for (int64_t c = 0; c < chunks; ++c) {
                     int64_t len = lens[b];
                     int64_t first = (window > 0 && len > window) ? len - window : 0;
-                    int64_t per_chunk = (len - first + chunks - 1) / chunks;
+                    // A chunk under one block of keys costs more than it saves; the chunks past the context are empty.
+                    int64_t per_chunk = std::max<int64_t>(BLOCK, (len - first + chunks - 1) / chunks);
                     int64_t begin = std::min(len, first + c * per_chunk), end = std::min(len, begin + per_chunk);
                     int64_t head = (b * KVH + h) * G;
                     attend_chunk(q + head * D, k_cache + h * D, v_cache + h * D, table + rows[b] * table_stride, begin, end, scale,

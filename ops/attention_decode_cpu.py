@@ -26,11 +26,12 @@ _SOURCE = Path(__file__).with_suffix(".cpp")
 _CPP_TYPES = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
 _ARG_TYPES = [
     *("const q_t*", "const kv_t*", "const kv_t*", "const int32_t*", "const int64_t*", "const int64_t*", "q_t*", "float*"),
-    *("int64_t", "int64_t", "int64_t", "int64_t", "float", "int64_t", "float"),
+    *("const q_t*", "const q_t*", "const int64_t*"),
+    *("int64_t", "int64_t", "int64_t", "int64_t", "float", "int64_t", "float", "int64_t", "int64_t", "int64_t"),
 ]
-# The kernel merges a request's chunks with a fixed-size array (attention_decode_cpu.cpp); a chunk under 32
-# keys would be shorter than one block of scores.
-_MAX_CHUNKS, _MIN_CHUNK = 64, 32
+# The kernel merges a request's chunks with a fixed-size array (attention_decode_cpu.cpp).
+_MAX_CHUNKS = 64
+_NOTHING = torch.empty(0)
 
 # (q dtype, heads, head dim, KV heads, pool dtype) -> the built kernel. Held here because the op that calls
 # it takes only tensors.
@@ -76,27 +77,36 @@ def decode_inplace(
     scale: float,
     sliding_window: int,
     logit_cap: float,
+    new_kv: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """decode_torch's contract (row b is request b's one new token), reading K/V where they lie: q [B, H, D];
-    caches [slots, KVH, D], rows contiguous; req_to_token int32."""
+    caches [slots, KVH, D], rows contiguous; req_to_token int32. `new_kv` = (k, v, out_slots): this step's
+    K/V rows [B, KVH, D], in q's dtype, stored at `out_slots` by the kernel itself before it attends (the
+    Python and dispatch of a separate store cost more than the copy)."""
     if req_to_token.dtype != torch.int32 or req_to_token.stride(1) != 1 or req_indices.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         raise ValueError("CPU decode attention reads an int32 slot table with contiguous rows, int64 request rows and lengths")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("CPU decode attention reads contiguous K/V caches")
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
+    k, v, slots = (_NOTHING, _NOTHING, _NOTHING) if new_kv is None else new_kv
+    if new_kv is not None:
+        row = (kv_heads, dim)
+        if k.dtype != q.dtype or v.dtype != q.dtype or k.shape[1:] != row or v.shape[1:] != row or k.shape[0] != batch or v.shape[0] != batch:
+            raise ValueError(f"CPU decode attention stores K/V rows {tuple(row)} in q's dtype, one per request")
+        if k.stride()[1:] != (dim, 1) or v.stride()[1:] != (dim, 1) or slots.dtype != torch.int64 or slots.shape != (batch,):
+            raise ValueError("CPU decode attention stores K/V rows contiguous within a row at one int64 slot per request")
     threads = torch.get_num_threads()
-    # Enough tasks for the threads: a lone request's context is split, a full batch's is not (and then its
-    # length, which costs a read of seq_lens, does not matter).
-    chunks = -(-4 * threads // max(batch * kv_heads, 1))
-    if chunks > 1 and batch:
-        chunks = max(1, min(_MAX_CHUNKS, chunks, int(seq_lens.max()) // _MIN_CHUNK))
+    # Enough tasks for the threads: a lone request's context is split (the kernel leaves chunks past a short
+    # context empty), a full batch's is not.
+    chunks = min(_MAX_CHUNKS, -(-4 * threads // max(batch * kv_heads, 1)))
     q = q.contiguous()
     out = torch.empty_like(q)
-    scratch = torch.empty(batch * chunks * heads * (dim + 2) if chunks > 1 else 0)  # the chunks' partial results
+    scratch = torch.empty(batch * chunks * heads * (dim + 2)) if chunks > 1 else _NOTHING  # the chunks' partial results
     _kernel(q, k_cache)(
-        q, k_cache, v_cache, req_to_token, req_indices.contiguous(), seq_lens.contiguous(), out, scratch,
+        q, k_cache, v_cache, req_to_token, req_indices.contiguous(), seq_lens.contiguous(), out, scratch, k, v, slots,
         batch, req_to_token.stride(0), chunks, threads, scale, sliding_window, logit_cap,
+        0 if new_kv is None else batch, k.stride(0) if batch else 0, v.stride(0) if batch else 0,
     )  # fmt: skip
     return out
 

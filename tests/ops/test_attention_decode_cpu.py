@@ -84,3 +84,28 @@ def test_an_int64_slot_table_is_refused_with_a_clear_error():
     q, k_cache, v_cache, table, rows, seq_lens = pool_batch([3], 3, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="int32 slot table"):
         decode_inplace(q, k_cache, v_cache, table.long(), rows, seq_lens, 0.25, 0, 0.0)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4]])
+def test_the_kernel_stores_the_step_k_v_as_a_separate_store_would(shape):
+    """The step's K/V (views of a wider projection, as in a model) stored by the kernel before it attends:
+    the same pool and the same output as index_copy_ first. Padding requests write a slot no request reads."""
+    from kiln.ops.attention_torch import store_kv_torch
+
+    group, kv_heads, dim, dtype = shape
+    lens = [0, 40, 7, 0, 300]
+    q, k_cache, v_cache, table, rows, seq_lens = pool_batch(lens, group, kv_heads, dim, dtype, seed=2)
+    newest = [int(table[r, n - 1]) for r, n in zip(rows.tolist(), lens) if n]
+    slots = torch.tensor([int(table[r, n - 1]) if n else int(table[r, -1]) for r, n in zip(rows.tolist(), lens)])
+    wide = torch.randn(len(lens), 2 * kv_heads, dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    k, v = wide[:, :kv_heads], wide[:, kv_heads:]
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    store_kv_torch(k, v, k_want, v_want, slots)
+    want = decode_inplace(q, k_want, v_want, table, rows, seq_lens, dim**-0.5, 0, 0.0)
+    out = decode_inplace(q, k_cache, v_cache, table, rows, seq_lens, dim**-0.5, 0, 0.0, (k, v, slots))
+    assert torch.equal(out, want)
+    assert torch.equal(k_cache[newest], k_want[newest]) and torch.equal(v_cache[newest], v_want[newest])
+    torch.testing.assert_close(k_cache, k_want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_want, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="one per request"):
+        decode_inplace(q, k_cache, v_cache, table, rows, seq_lens, dim**-0.5, 0, 0.0, (k[:-1], v[:-1], slots[:-1]))
