@@ -138,7 +138,7 @@ class CompiledModel:
         # Unbacked, not just dynamic: Dynamo specialises a backed size of 1, so a bucket of 1 would need a second trace.
         for t in (ids, pos, meta.out_slots, meta.req_indices, meta.seq_lens, meta.extend_lens, meta.extend_starts):
             torch._dynamo.decorators.mark_unbacked(t, 0)
-        compiled = torch.compile(self.model.forward, backend=piecewise_backend(self.stats, self.profile.inductor), fullgraph=True)
+        compiled = torch.compile(self.model.forward, backend=piecewise_backend(self.stats, self.profile.inductor_for), fullgraph=True)
         self._forward = compiled.aot_compile(((ids, pos, kv, meta), {}))
         self._forward.disable_guard_check()
         if self.trace_file is not None:
@@ -148,7 +148,7 @@ class CompiledModel:
         self._forward = load_unguarded(self.trace_file)
         # aot_compile keeps the backend's output as the function's compiled graph; it comes back unbound.
         graph: PiecewiseGraph = self._forward._artifacts.compiled_fn
-        graph.bind(self.stats, self.profile.inductor)
+        graph.bind(self.stats, self.profile.inductor_for)
         self.trace_loaded = True
 
     @torch.inference_mode()

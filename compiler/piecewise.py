@@ -137,7 +137,7 @@ def _add_example_values(gm: fx.GraphModule, tensors: list[torch.Tensor]) -> None
 class Piece(torch.nn.Module):
     """One compiled stretch between attention calls, dispatched on its integer (size) inputs."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: list[InputSpec], stats: CompileStats, inductor_options: dict[str, Any]):
+    def __init__(self, gm: fx.GraphModule, inputs: list[InputSpec], stats: CompileStats, inductor_options: Callable[[int], dict[str, Any]]):
         super().__init__()
         self.gm = gm
         self.inputs = inputs
@@ -154,23 +154,24 @@ class Piece(torch.nn.Module):
             if self.stats.frozen:
                 raise RecompileError(f"no compiled piece for sizes {sizes}: a batch was not padded to a warmed-up bucket")
             t0 = time.monotonic()
+            options = self.options(max(sizes, default=0))
             saved = self._artifact_path(sizes)
             if saved is not None and saved.exists():
                 # The saved artifact names its AOTAutograd cache entry: no inputs to make, no graph to
                 # specialise, no fake values, no cache key to hash, which is most of a lookup through compile_fx.
                 # Under the profile's options, as compiled: the C++ kernels' build flags (the vector ISA) come from them.
-                with torch._inductor.config.patch(self.options):
+                with torch._inductor.config.patch(options):
                     compiled = _returning_as_traced(CompiledArtifact.load(path=str(saved)), self.gm)
                 self.stats.pieces_loaded += 1
             else:
-                compiled = self._compile(example(), saved)
+                compiled = self._compile(example(), saved, options)
             fn = lambda *a, _c=compiled: _c(*[x for x in a if not isinstance(x, int)])  # noqa: E731
             self.stats.compile_seconds += time.monotonic() - t0
             self.stats.piece_compiles += 1
             self.stats.artifacts[(self.key, sizes)] = fn
         return fn
 
-    def _compile(self, args: tuple[Any, ...], saved: Path | None) -> CompiledArtifact:
+    def _compile(self, args: tuple[Any, ...], saved: Path | None, options: dict[str, Any]) -> CompiledArtifact:
         tensors = [a for a in args if not isinstance(a, int)]
         # A tracing context with a shape env lets Inductor's FX graph cache (the persistent one) take pieces
         # compiled outside Dynamo; buckets whose pieces lower to the same graph share one Inductor compile.
@@ -179,7 +180,7 @@ class Piece(torch.nn.Module):
             lower_quantized_linears(gm, tensors)
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
             compiled = standalone_compile(
-                gm, tensors, dynamic_shapes="from_tracing_context", options={"config_patches": self.options},
+                gm, tensors, dynamic_shapes="from_tracing_context", options={"config_patches": options},
                 donate_graph_module=True,
             )  # fmt: skip
         if saved is not None:
@@ -262,7 +263,7 @@ class PiecewiseGraph(SerializableCallable):
         inputs = {name: [_spec(n.meta["example_value"]) for n in sub.graph.nodes if n.op == "placeholder"] for name, sub in split.named_children()}
         return PiecewiseGraph(split, inputs, decode_kinds, _without_metadata(split))
 
-    def bind(self, stats: CompileStats, inductor_options: dict[str, Any]) -> None:
+    def bind(self, stats: CompileStats, inductor_options: Callable[[int], dict[str, Any]]) -> None:
         """Makes the pieces, which compile (or load) per bucket into `stats`."""
         keys = set()
         for name, sub in list(self.split.named_children()):
@@ -320,7 +321,7 @@ def _split(gm: fx.GraphModule) -> fx.GraphModule:
     return split_module(gm, None, lambda n: owner[n], keep_original_order=True)
 
 
-def piecewise_backend(stats: CompileStats, inductor_options: dict[str, Any]) -> Callable[..., Any]:
+def piecewise_backend(stats: CompileStats, inductor_options: Callable[[int], dict[str, Any]]) -> Callable[..., Any]:
     def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> PiecewiseGraph:
         stats.traces += 1
         if stats.frozen:

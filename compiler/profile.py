@@ -21,6 +21,9 @@ class Profile:
     # Quantized linears run batches of at least this many rows on a float32 copy of their weights (0: never).
     quantized_dense_from_rows: int = 0
     source: str = ""  # the file's text, part of the compile-cache key
+    # Pieces of buckets up to `small_bucket_tokens` tokens are compiled with these settings over `inductor`'s.
+    small_bucket_tokens: int = 0
+    small_bucket_inductor: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "Profile":
@@ -29,10 +32,18 @@ class Profile:
         decode, prefill = sorted(b["decode_batch_sizes"]), sorted(b["prefill_token_counts"])
         if min(decode + prefill) < 1:
             raise ValueError(f"{path}: bucket sizes must be at least 1")
+        small = dict(data.get("small_buckets", {}))
         return cls(
             tuple(decode), tuple(prefill), int(b["chunked_prefill_size"]), dict(data.get("inductor", {})),
             int(b.get("piece_graph_max_tokens", 0)), int(data.get("quantized", {}).get("dense_from_rows", 0)), text,
+            int(small.get("max_tokens", 0)), dict(small.get("inductor", {})),
         )  # fmt: skip
+
+    def inductor_for(self, tokens: int) -> dict[str, Any]:
+        """The Inductor settings for the pieces of a bucket of `tokens` tokens."""
+        if tokens <= self.small_bucket_tokens:
+            return {**self.inductor, **self.small_bucket_inductor}
+        return self.inductor
 
     @classmethod
     def for_device(cls, device_type: str, override: str | None = None) -> "Profile":

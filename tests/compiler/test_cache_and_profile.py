@@ -36,6 +36,15 @@ def test_the_throughput_profile_is_the_cpu_profile_with_float32_copies():
     assert cache_key({}, torch.bfloat16, CPU, fast) != cache_key({}, torch.bfloat16, CPU, cpu)
 
 
+def test_small_buckets_take_their_own_inductor_settings_over_the_profile_s():
+    for name in ("cpu.toml", "cpu-throughput.toml"):
+        p = Profile.load(PROFILES / name)
+        small, large = p.inductor_for(p.small_bucket_tokens), p.inductor_for(p.small_bucket_tokens + 1)
+        assert small == {**large, "cpp_wrapper": True} and "cpp_wrapper" not in large
+        assert small["size_asserts"] is False and max(p.decode_batch_sizes) <= p.small_bucket_tokens < max(p.prefill_token_counts)
+    assert Profile.for_device("cuda").inductor_for(1) == Profile.for_device("cuda").inductor
+
+
 def test_empty_buckets_are_refused(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[buckets]\ndecode_batch_sizes = [0, 2]\nprefill_token_counts = [16]\nchunked_prefill_size = 16\n")

@@ -1,4 +1,5 @@
-"""SmolLM2 (real weights, float32): the compiled engine gives the eager engine's greedy tokens."""
+"""SmolLM2 (real weights, float32): the compiled engine gives the eager engine's greedy tokens, with the smallest
+decode bucket's pieces built with Inductor's C++ wrapper and the others with its Python wrapper."""
 
 from transformers import AutoTokenizer
 
@@ -13,6 +14,9 @@ decode_batch_sizes = [2, 4]
 prefill_token_counts = [64]
 chunked_prefill_size = 64
 [inductor]
+[small_buckets]
+max_tokens = 2
+inductor = { cpp_wrapper = true }
 """
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sea salty?"]
 

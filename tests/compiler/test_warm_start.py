@@ -1,4 +1,5 @@
-"""`kiln warm` fills the persistent cache; a second start in a fresh process loads every piece and compiles none."""
+"""`kiln warm` fills the persistent cache; a second start in a fresh process loads every piece and compiles none,
+the decode buckets' pieces built with Inductor's C++ wrapper included."""
 
 import json
 import subprocess
@@ -17,6 +18,9 @@ prefill_token_counts = [32]
 chunked_prefill_size = 32
 [inductor]
 "cpp.simdlen" = 0
+[small_buckets]
+max_tokens = 4
+inductor = { cpp_wrapper = true }
 """
 
 
