@@ -8,7 +8,8 @@ ops has a plain-torch kernel (CPU, `attention_torch.py`) and, where Triton is
 installed, a Triton kernel for CUDA (`attention_triton.py`); every op picks by
 device from one table. Both are tested against `attention_ref.py`. A compiled
 model on the CPU decodes with `attention_decode_cpu.py` instead, a C++
-kernel that reads K/V in place (the compiler sets `inplace_decode`).
+kernel that stores the step's K/V and reads the pool in place (the compiler
+sets `inplace_decode`).
 
 Batch layout: the T query rows are the requests' new tokens back to back
 (request i owns ``extend_lens[i]`` rows from ``extend_starts[i]``), followed by

@@ -126,7 +126,7 @@ static void attend_chunk(const q_t* q, const kv_t* k_cache, const kv_t* v_cache,
 
 // q: [batch, KVH * G, D]; caches: [slots, KVH, D]; table: req_to_token, rows `table_stride` apart; rows, lens:
 // [batch] int64; out: [batch, KVH * G, D]; scratch: [batch, KVH, chunks, G, PART] floats when chunks > 1.
-// k_new, v_new: `stores` rows of [KVH, D] (`new_stride` elements apart) written to the caches at out_slots first.
+// k_new, v_new: `stores` rows of [KVH, D] (k_new_stride, v_new_stride elements apart) written to the caches at out_slots first.
 extern "C" void kernel(const q_t* q, const kv_t* k_cache, const kv_t* v_cache, const int32_t* table, const int64_t* rows,
                        const int64_t* lens, q_t* out, float* scratch, const q_t* k_new, const q_t* v_new, const int64_t* out_slots,
                        int64_t batch, int64_t table_stride, int64_t chunks, int64_t threads, float scale, int64_t window, float cap,
