@@ -197,13 +197,13 @@ def _attention(
     kc, vc = k_cache[layer], v_cache[layer]
     longest = int(max_extend_len[0])
     # A single new token sees every earlier one, causal or not, so decode serves both.
-    if longest <= 1 and q.shape[0] == req_indices.shape[0]:
-        if inplace_decode and not q.is_cuda:
-            return decode_inplace(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap, (k, v, out_slots))
-        store(k, v, kc, vc, out_slots)
-        return decode(q.contiguous(), kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
+    decoding = longest <= 1 and q.shape[0] == req_indices.shape[0]
+    if decoding and inplace_decode and not q.is_cuda:  # the C++ kernel stores the step's K/V itself
+        return decode_inplace(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap, (k, v, out_slots))
     store(k, v, kc, vc, out_slots)
     q = q.contiguous()
+    if decoding:
+        return decode(q, kc, vc, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap)
     return extend(
         q, kc, vc, req_to_token, req_indices, seq_lens, extend_lens, extend_starts, longest, scale, causal, sliding_window, logit_cap
     )
