@@ -21,6 +21,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.gguf_q4_packed import packed_buffers, packed_key, packed_path, read_packed, write_packed
 from kiln.models.quantize import replace_linear
 from kiln.ops.quant_linear import Int4Linear
+from kiln.ops.w4a8_linear import W4A8Linear
 from kiln.ops.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
@@ -103,18 +104,26 @@ def _shard_rows(raw: np.ndarray, model: nn.Module, name: str) -> np.ndarray | No
 
 
 def load_q4_1(
-    model: nn.Module, gguf: GGUFQ4_1, cfg: ModelConfig, dtype: torch.dtype, tp: TensorParallel = TensorParallel(), dense_from_rows: int = 0
+    model: nn.Module,
+    gguf: GGUFQ4_1,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    tp: TensorParallel = TensorParallel(),
+    dense_from_rows: int = 0,
+    int8_activations: bool = False,
 ) -> int:
-    """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`; returns how many. A
-    tensor-parallel rank reads its shard's rows or input blocks only; a row-parallel shard that splits a
-    block stays dense (logged), for `quantize` to take. With the blocks cached, the layers' packed buffers are
-    cached beside them (`gguf_q4_packed.py`) and taken from there on later loads."""
+    """Replaces each projection whose GGUF tensors are all Q4_1 with an `Int4Linear`, or a `W4A8Linear` with
+    `int8_activations`; returns how many. A tensor-parallel rank reads its shard's rows or input blocks only; a
+    row-parallel shard that splits a block stays dense (logged), for `quantize` to take. With the blocks cached,
+    the Int4Linear layers' packed buffers are cached beside them (`gguf_q4_packed.py`) and taken from there on
+    later loads; a W4A8Linear's layout is a reshape of the blocks, made at each load."""
     tensors = gguf.tensors
-    path = None if gguf.cache is None else packed_path(gguf.cache, dtype, tp)
+    path = None if gguf.cache is None or int8_activations else packed_path(gguf.cache, dtype, tp)
     key = packed_key(dtype, tp, Q4_1_GROUP)
     cached = {} if path is None else read_packed(path, key)
     buffers: dict[str, tuple[Tensor, Tensor]] = {}
     packed_now = False
+    loaded = 0
     for layer in range(cfg.num_hidden_layers):
         for module, parts in MODULES.items():
             found = [tensors.get(f"blk.{layer}.{part}.weight") for part in parts]
@@ -128,6 +137,11 @@ def load_q4_1(
             dense = model.get_submodule(name)
             out_features, in_features = dense.weight.shape
             bias = None if dense.bias is None else dense.bias.detach()
+            if int8_activations:
+                q, scale, zero = _module_groups(parts, raws, cfg)
+                replace_linear(model, name, W4A8Linear(q, scale, zero - 8 * scale, bias, dtype))  # m = zero - 8d, exactly
+                loaded += 1
+                continue
             done = packed_buffers(cached, name, out_features, in_features, key)
             if done is None:
                 q, scale, zero = _module_groups(parts, raws, cfg)
@@ -143,7 +157,7 @@ def load_q4_1(
             buffers[name] = (int4.packed, int4.scales_zeros)
     if path is not None and (packed_now or len(cached) != 2 * len(buffers)):
         write_packed(path, key, buffers)
-    return len(buffers)
+    return loaded + len(buffers)
 
 
 def _module_groups(parts: tuple[str, ...], raws: list[np.ndarray], cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:

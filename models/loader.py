@@ -195,13 +195,13 @@ def quantize_model(
     dense_from_rows: int = 0,
 ) -> dict[str, int]:
     """Applies --torchao-config to a loaded model: a GGUF's Q4_1 projections go in as they are for
-    int4wo-32, the rest is quantized from the dense weights. Returns the layers per format. A tensor-parallel
+    int4wo-32 and 8da4w-32, the rest is quantized from the dense weights. Returns the layers per format. A tensor-parallel
     rank quantizes its own shards: int4 groups run along the inputs, so a row-parallel shard whose inputs do
     not hold whole groups takes int8 (per output row, so any split holds it). dense_from_rows > 0 keeps float32
     copies for batches of that many rows (ops/quant_linear.py)."""
     formats: dict[str, int] = {}
-    if mode == "int4wo-32" and gguf is not None:
-        formats["int4wo-32 (GGUF Q4_1)"] = load_q4_1(model, gguf, cfg, dtype, tp, dense_from_rows)
+    if mode in ("int4wo-32", "8da4w-32") and gguf is not None:
+        formats[f"{mode} (GGUF Q4_1)"] = load_q4_1(model, gguf, cfg, dtype, tp, dense_from_rows, int8_activations=mode == "8da4w-32")
     for fmt, count in quantize(model, mode, dtype, dense_from_rows).items():
         formats[fmt] = formats.get(fmt, 0) + count
     log.info("quantized linears (%s): %s", mode, ", ".join(f"{n} {fmt}" for fmt, n in formats.items()))

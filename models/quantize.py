@@ -1,7 +1,8 @@
 """Swapping a loaded model's dense linears for weight-only quantized ones (`--torchao-config`, SGLang's spelling).
 
-Modes: `int8wo` (int8 per output row) and `int4wo-<group>` (int4 in groups of 32,
-64, 128 or 256 along the input). The projections of every layer (q/k/v, o, gate/up,
+Modes: `int8wo` (int8 per output row), `int4wo-<group>` (int4 in groups of 32,
+64, 128 or 256 along the input) and `8da4w-32` (int4 in groups of 32 against
+activations quantized to int8 on the fly, ops/w4a8_linear.py). The projections of every layer (q/k/v, o, gate/up,
 down) take the mode; the LM head takes int8 in both, since the logits are what a
 sampler and a logprob read (llama.cpp keeps SmolLM2's head in 8 bits too), and the
 embedding stays dense (a lookup reads one row per token). A projection whose shape
@@ -17,15 +18,18 @@ from torch import nn
 
 from kiln.ops.linear import Linear
 from kiln.ops.quant_linear import Int4Linear, Int8Linear, int4_fits, int4_weights, int8_fits, int8_weights
+from kiln.ops.w4a8_linear import W4A8Linear
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-_MODE = re.compile(r"int8wo|int4wo-(32|64|128|256)")
+_MODE = re.compile(r"int8wo|int4wo-(32|64|128|256)|8da4w-32")
 
 
 def check_mode(mode: str) -> str:
-    """`none`, `int8wo` or `int4wo-<group>`; anything else is the user's error, said before any loading."""
+    """`none`, `int8wo`, `int4wo-<group>` or `8da4w-32`; anything else is the user's error, said before any loading."""
     if mode not in ("", "none") and not _MODE.fullmatch(mode):
-        raise ValueError(f"--torchao-config {mode!r} is not supported; use int8wo, int4wo-32, int4wo-64, int4wo-128, int4wo-256 or none")
+        raise ValueError(
+            f"--torchao-config {mode!r} is not supported; use int8wo, int4wo-32, int4wo-64, int4wo-128, int4wo-256, 8da4w-32 or none"
+        )
     return mode or "none"
 
 
@@ -37,7 +41,7 @@ def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize(model: nn.Module, mode: str, dtype: torch.dtype, dense_from_rows: int = 0) -> dict[str, int]:
     """Quantizes the dense linears in place; returns how many went to each format. dense_from_rows: see
     ops/quant_linear.py."""
-    group = int(mode.split("-")[1]) if mode.startswith("int4wo") else 0
+    group = int(mode.split("-")[1]) if mode.startswith(("int4wo", "8da4w")) else 0
     formats: dict[str, int] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, Linear):
@@ -46,7 +50,10 @@ def quantize(model: nn.Module, mode: str, dtype: torch.dtype, dense_from_rows: i
         if not (is_head or is_projection):
             continue
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-        if group and is_projection and int4_fits(*weight.shape, group):
+        if mode == "8da4w-32" and is_projection and weight.shape[1] % group == 0:
+            q, scale, zero = int4_weights(weight, group)
+            new, fmt = W4A8Linear(q, scale, zero - 8 * scale, bias, dtype), mode
+        elif mode.startswith("int4wo") and is_projection and int4_fits(*weight.shape, group):
             new, fmt = Int4Linear(*int4_weights(weight, group), bias, dtype, dense_from_rows), f"int4wo-{group}"
         elif int8_fits(*weight.shape):
             new, fmt = Int8Linear(*int8_weights(weight), bias, dtype, dense_from_rows), "int8wo"
