@@ -10,15 +10,15 @@ against 57.6.
 
 The price is the activations' rounding: a block's error is at most half of max|x| / 127 an input (the
 weights' own rounding is the GGUF's). tests/ops/test_w4a8_linear.py states the tolerance against the
-de-quantized weights, and tests/models/test_perplexity.py the perplexity.
+de-quantized weights, and tests/models/test_quantize.py the perplexity.
 
-The op `kiln::linear_w4a8` is opaque to Dynamo, like `kiln::linear`. On a CPU without AVX512-VNNI it runs
+The op `kiln::linear_w4a8` is opaque to Dynamo, like `kiln::linear`; its CPU kernel is registered in C++ by the
+kernel's library, so a compiled piece calls it without Python. On a CPU without AVX512-VNNI it runs
 `w4a8_torch`, the same arithmetic in torch ops (slow: a float copy of the weights every call), which is also the
 reference the kernel is tested against. A row's result never depends on the other rows of its batch.
 """
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,13 +27,6 @@ from torch import Tensor, nn
 GROUP = 32
 TILE = 16  # outputs per tile of the packed layout
 _SOURCE = Path(__file__).with_name("w4a8_linear_cpu.cpp")
-_CPP_TYPES = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
-_ARG_TYPES = ["const act_t*", "const uint8_t*", "const uint16_t*", "act_t*", "int8_t*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"]
-
-# activation dtype -> the built kernel. Held here because the op takes only tensors.
-_kernels: dict[torch.dtype, Callable[..., None]] = {}
-
-
 # The CPU flags (Linux's names) of the instructions the kernel uses.
 _KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"}
 
@@ -48,17 +41,15 @@ def has_kernel() -> bool:
     return _KERNEL_FLAGS <= flags
 
 
-def _kernel(dtype: torch.dtype) -> Callable[..., None]:
-    fn = _kernels.get(dtype)
-    if fn is None:
-        if dtype not in _CPP_TYPES:
-            raise ValueError(f"the int4 x int8 linear has no kernel for {dtype} activations")
-        head = f"#include <torch/csrc/inductor/cpp_prefix.h>\nusing act_t = {_CPP_TYPES[dtype]};\n"
-        # Imported here: it pulls in Dynamo and Inductor, which an engine without these layers never needs.
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
+@functools.cache
+def load_kernel() -> None:
+    """Builds (or finds in Inductor's cache, which a server points at its compile cache folder) and loads the
+    library that registers the op's CPU kernel in C++: compiled pieces then call it through the dispatcher without
+    Python, where a Python kernel costs about 15 us a call, 120 calls a decode step of SmolLM2."""
+    # Imported here: it pulls in Dynamo and Inductor, which an engine without these layers never needs.
+    from torch._inductor.codecache import CppCodeCache
 
-        fn = _kernels[dtype] = CppPythonBindingsCodeCache.load_pybinding(_ARG_TYPES, head + _SOURCE.read_text())
-    return fn
+    CppCodeCache.load(_SOURCE.read_text())
 
 
 def pack(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,22 +102,19 @@ _lib.define("linear_w4a8(Tensor x, Tensor weights, Tensor dm, int out_features, 
 
 
 def _linear_w4a8(x: Tensor, weights: Tensor, dm: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
+    """Every device's kernel until the C++ one is loaded for the CPU, which this does on its first call where
+    the CPU has one (the C++ registration for the CPU key then takes every later call)."""
+    if x.device.type == "cpu" and has_kernel():
+        load_kernel()
+        return torch.ops.kiln.linear_w4a8(x, weights, dm, out_features, bias)
     in_features = weights.shape[1] * GROUP
     if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"int4 x int8 linear of {in_features} inputs got x of shape {tuple(x.shape)}")
-    if has_kernel():
-        x = x.contiguous()
-        rows = x.shape[0]
-        out = x.new_empty(rows, out_features)
-        xq = torch.empty(rows, in_features, dtype=torch.int8)
-        xs = torch.empty(rows, 2, in_features // GROUP)
-        _kernel(x.dtype)(x, weights, dm, out, xq, xs, rows, out_features, in_features, torch.get_num_threads())
-    else:
-        out = w4a8_torch(x, weights, dm, out_features)
+        raise ValueError(f"int4 x int8 linear of {in_features} inputs got x of shape {list(x.shape)}")
+    out = w4a8_torch(x, weights, dm, out_features)
     return out if bias is None else out + bias
 
 
-_lib.impl("linear_w4a8", _linear_w4a8, "CPU")
+_lib.impl("linear_w4a8", _linear_w4a8, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("kiln::linear_w4a8")

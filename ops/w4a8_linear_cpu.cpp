@@ -12,9 +12,15 @@
 // A row's float sum for an output runs over its blocks in order, the same however many rows the call has and
 // wherever the row sits in them: a row's result does not depend on its batch.
 //
-// w4a8_linear.py puts `using act_t = ...;` in front and builds this with Inductor's C++ toolchain, on CPUs with
-// AVX512-VNNI only.
+// w4a8_linear.py builds this with Inductor's C++ toolchain, on CPUs with AVX512-VNNI only, and loads it: the
+// library registers `kiln::linear_w4a8`'s CPU kernel, which compiled pieces then call without Python.
 
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
 #include <immintrin.h>
 #include <cstdint>
 
@@ -41,6 +47,7 @@ static inline void store16(c10::Half* p, __m512 v, __mmask16 k) {
 }
 
 // One row's block of 32 inputs: xq = round(x * 127 / max|x|) (to nearest even), its scale and the exact sum.
+template <typename act_t>
 static inline void quantize_block(const act_t* x, int8_t* xq, float* scale, float* sum) {
     __m512 a = load16(x), b = load16(x + 16);
     float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -52,7 +59,7 @@ static inline void quantize_block(const act_t* x, int8_t* xq, float* scale, floa
 }
 
 // R rows against one tile of 16 outputs: each block's weights are unpacked once and used for every row.
-template <int R>
+template <int R, typename act_t>
 static inline void tile(const int8_t* xq, const float* xs, int64_t K, int64_t KB, const uint8_t* w, const uint16_t* dm,
                         act_t* out, int64_t N, int64_t n0) {
     __m512 acc[R];
@@ -82,7 +89,8 @@ static inline void tile(const int8_t* xq, const float* xs, int64_t K, int64_t KB
 }
 
 // x [M, K] -> out [M, N]; xq [M, K] int8 and xs [M, 2, K / 32] (scales, then sums) are the call's scratch.
-extern "C" void kernel(const act_t* x, const uint8_t* w, const uint16_t* dm, act_t* out, int8_t* xq, float* xs, int64_t M,
+template <typename act_t>
+static void w4a8(const act_t* x, const uint8_t* w, const uint16_t* dm, act_t* out, int8_t* xq, float* xs, int64_t M,
                        int64_t N, int64_t K, int64_t threads) {
     constexpr int64_t ROWS = 4;  // rows a tile takes at once: 4 float accumulators and 8 weight operands in registers
     const int64_t KB = K / 32, tiles = (N + 15) / 16;
@@ -111,4 +119,43 @@ extern "C" void kernel(const act_t* x, const uint8_t* w, const uint16_t* dm, act
     }
 }
 
+at::Tensor linear_w4a8(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& dm, int64_t out_features,
+                       const std::optional<at::Tensor>& bias) {
+    const int64_t K = weights.size(1) * 32;
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4 x int8 linear of ", K, " inputs got x of shape ", x.sizes());
+    TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 4 && weights.size(2) == 4 &&
+                    weights.size(3) == 64 && weights.size(0) * 16 >= out_features,
+                "int4 x int8 linear: weights are not w4a8_linear.pack's layout");
+    TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 4 && dm.size(0) == weights.size(0) &&
+                    dm.size(1) == weights.size(1) && dm.size(2) == 2 && dm.size(3) == 16,
+                "int4 x int8 linear: d and m are not w4a8_linear.pack's layout");
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.size(0);
+    at::Tensor out = at::empty({M, out_features}, xc.options());
+    at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kChar));
+    at::Tensor xs = at::empty({M, 2, K / 32}, xc.options().dtype(at::kFloat));
+    const auto* w = weights.const_data_ptr<uint8_t>();
+    const auto* d = reinterpret_cast<const uint16_t*>(dm.const_data_ptr());
+    const int64_t threads = at::get_num_threads();
+    switch (xc.scalar_type()) {
+        case at::kFloat:
+            w4a8(xc.const_data_ptr<float>(), w, d, out.data_ptr<float>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(), M, out_features, K, threads);
+            break;
+        case at::kBFloat16:
+            w4a8(xc.const_data_ptr<c10::BFloat16>(), w, d, out.data_ptr<c10::BFloat16>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(), M,
+                 out_features, K, threads);
+            break;
+        case at::kHalf:
+            w4a8(xc.const_data_ptr<c10::Half>(), w, d, out.data_ptr<c10::Half>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(), M,
+                 out_features, K, threads);
+            break;
+        default:
+            TORCH_CHECK(false, "int4 x int8 linear has no kernel for ", xc.scalar_type(), " activations");
+    }
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+}
+
 #pragma GCC pop_options
+
+TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("linear_w4a8", &linear_w4a8); }
