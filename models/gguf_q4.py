@@ -21,7 +21,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.gguf_q4_packed import packed_buffers, packed_key, packed_path, read_packed, write_packed
 from kiln.models.quantize import replace_linear
 from kiln.ops.quant_linear import Int4Linear
-from kiln.ops.w4a8_linear import W4A8Linear
+from kiln.ops.act_int8_linear import W4A8Linear
 from kiln.ops.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,16 @@
-"""Swapping a loaded model's dense linears for weight-only quantized ones (`--torchao-config`, SGLang's spelling).
+"""Swapping a loaded model's dense linears for quantized ones (`--torchao-config`, SGLang's and torchao's spelling).
 
-Modes: `int8wo` (int8 per output row), `int4wo-<group>` (int4 in groups of 32,
-64, 128 or 256 along the input) and `8da4w-32` (int4 in groups of 32 against
-activations quantized to int8 on the fly, ops/w4a8_linear.py). The projections of every layer (q/k/v, o, gate/up,
-down) take the mode; the LM head takes int8 in both, since the logits are what a
-sampler and a logprob read (llama.cpp keeps SmolLM2's head in 8 bits too), and the
-embedding stays dense (a lookup reads one row per token). A projection whose shape
-the int4 layout cannot hold (rows not in sixteens) takes int8, and one the int8
-kernel cannot (inputs not in sixteens) stays dense. MoE routers and experts stay as
-they are.
+Weight-only modes: `int8wo` (int8 per output row) and `int4wo-<group>` (int4 in
+groups of 32, 64, 128 or 256 along the input). With activations quantized to int8
+on the fly (ops/act_int8_linear.py): `int8dq` (int8 weights per output row) and
+`8da4w-32` (int4 in groups of 32). The projections of every layer (q/k/v, o,
+gate/up, down) take the mode; the LM head takes int8 (int8wo, or int8dq in the
+modes with int8 activations), since the logits are what a sampler and a logprob
+read (llama.cpp keeps SmolLM2's head in 8 bits too), and the embedding stays dense
+(a lookup reads one row per token). A projection whose shape the int4 layout
+cannot hold (rows not in sixteens) takes int8, and one the int8 kernel cannot
+(inputs not in sixteens, or not in blocks of 32 with int8 activations) stays dense.
+MoE routers and experts stay as they are.
 """
 
 import re
@@ -18,17 +20,18 @@ from torch import nn
 
 from kiln.ops.linear import Linear
 from kiln.ops.quant_linear import Int4Linear, Int8Linear, int4_fits, int4_weights, int8_fits, int8_weights
-from kiln.ops.w4a8_linear import W4A8Linear
+from kiln.ops.act_int8_linear import W4A8Linear, W8A8Linear
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-_MODE = re.compile(r"int8wo|int4wo-(32|64|128|256)|8da4w-32")
+_MODE = re.compile(r"int8wo|int4wo-(32|64|128|256)|int8dq|8da4w-32")
 
 
 def check_mode(mode: str) -> str:
-    """`none`, `int8wo`, `int4wo-<group>` or `8da4w-32`; anything else is the user's error, said before any loading."""
+    """`none`, `int8wo`, `int4wo-<group>`, `int8dq` or `8da4w-32`; anything else is the user's error, said before any
+    loading."""
     if mode not in ("", "none") and not _MODE.fullmatch(mode):
         raise ValueError(
-            f"--torchao-config {mode!r} is not supported; use int8wo, int4wo-32, int4wo-64, int4wo-128, int4wo-256, 8da4w-32 or none"
+            f"--torchao-config {mode!r} is not supported; use int8wo, int4wo-32, int4wo-64, int4wo-128, int4wo-256, int8dq, 8da4w-32 or none"
         )
     return mode or "none"
 
@@ -50,9 +53,12 @@ def quantize(model: nn.Module, mode: str, dtype: torch.dtype, dense_from_rows: i
         if not (is_head or is_projection):
             continue
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-        if mode == "8da4w-32" and is_projection and weight.shape[1] % group == 0:
+        whole_blocks = weight.shape[1] % 32 == 0  # what int8 activations are quantized in
+        if mode == "8da4w-32" and is_projection and whole_blocks:
             q, scale, zero = int4_weights(weight, group)
             new, fmt = W4A8Linear(q, scale, zero - 8 * scale, bias, dtype), mode
+        elif mode in ("int8dq", "8da4w-32") and whole_blocks:
+            new, fmt = W8A8Linear(*int8_weights(weight), bias, dtype), "int8dq"
         elif mode.startswith("int4wo") and is_projection and int4_fits(*weight.shape, group):
             new, fmt = Int4Linear(*int4_weights(weight, group), bias, dtype, dense_from_rows), f"int4wo-{group}"
         elif int8_fits(*weight.shape):
