@@ -21,6 +21,7 @@ from kiln.models.quantize import quantize
 from kiln.models.registry import model_class
 from kiln.models.rope import RotaryEmbedding
 from kiln.models.weights import ModelNotFoundError, iter_weight_slices, iter_weights
+from kiln.ops.act_int8_linear import has_kernel
 from kiln.ops.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
@@ -178,11 +179,13 @@ def load_model(
 
 
 def default_quantization(gguf: GGUFQ4_1 | None, dtype: str, device: torch.device) -> str:
-    """What an unset --torchao-config means: on the CPU, a GGUF's own Q4_1 weights, packed (int4wo-32), unless
-    --dtype asks for float32 or float16 activations; dense weights otherwise."""
-    if gguf is None or device.type != "cpu" or dtype not in ("auto", "bfloat16"):
+    """What an unset --torchao-config means: on the CPU, a GGUF's own Q4_1 weights, unless --dtype asks for
+    float32 or float16 activations; dense weights otherwise. Where the CPU has AVX512-VNNI they run against
+    activations rounded to int8 (8da4w-32), as llama.cpp and vLLM's GGUF kernels compute them: 1.4-2x faster
+    from 8 rows up and in prefill than torch's int4 kernel (int4wo-32), which stays the default elsewhere."""
+    if gguf is None or device.type != "cpu" or dtype not in ("auto", "bfloat16") or not gguf.tensors:
         return "none"
-    return "int4wo-32" if gguf.tensors else "none"
+    return "8da4w-32" if has_kernel() else "int4wo-32"
 
 
 def quantize_model(

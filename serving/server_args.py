@@ -54,9 +54,10 @@ class ServerArgs:
     incremental_streaming_output: bool = _opt(False, "each stream chunk's output_ids holds only the ids new since the last chunk")
     skip_server_warmup: bool = _opt(False, "do not send one request through the model before reporting ready")
     torchao_config: str = _opt(
-        "", "quantized linears on the CPU: int8wo, int4wo-32|64|128|256 (weight-only), 8da4w-32 (int4 weights against "
-        "activations quantized to int8 per block of 32, as llama.cpp computes a Q4_1 GGUF; needs AVX512-VNNI to be fast), "
-        "or none (default: a GGUF's own Q4_1 weights as int4wo-32 when the activations are bfloat16, else dense)",
+        "", "quantized linears on the CPU: int8wo, int4wo-32|64|128|256 (weight-only), int8dq, 8da4w-32 (int8 or int4 "
+        "weights against activations quantized to int8 per block of 32, as llama.cpp computes a Q4_1 GGUF; fast with "
+        "AVX512-VNNI), or none (default with bfloat16 activations: a GGUF's own Q4_1 weights as 8da4w-32 where the CPU "
+        "has AVX512-VNNI, else as int4wo-32; otherwise dense)",
     )  # fmt: skip
     omp_spin_count: int = _opt(
         100_000, "CPU: how long an idle OpenMP worker of the engine spins before it sleeps (libgomp's GOMP_SPINCOUNT, set in "

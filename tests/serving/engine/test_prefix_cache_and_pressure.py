@@ -2,6 +2,7 @@
 
 import pytest
 
+from kiln.ops.act_int8_linear import has_kernel
 from kiln.serving.engine.core import EngineCore
 from kiln.serving.messages import GenerateRequest
 from kiln.serving.sampling_params import SamplingParams
@@ -94,7 +95,7 @@ def test_input_logprobs_are_the_same_across_prefill_chunks():
 
 def test_bfloat16_scores_are_the_same_bits_cold_cached_and_chunked():
     """What /v1/score asks (one greedy token, the label ids' logprobs), with the default weights (bfloat16, the
-    GGUF's int4): the same bits whether the prompt was computed now, came from the radix cache (after itself
+    GGUF's int4, against int8 activations where the CPU has AVX512-VNNI): the same bits whether the prompt was computed now, came from the radix cache (after itself
     or after another prompt sharing its prefix), or ran in chunks."""
     from kiln.serving.messages import LogprobRequest
 
@@ -111,7 +112,9 @@ def test_bfloat16_scores_are_the_same_bits_cold_cached_and_chunked():
         return EngineCore(ServerArgs(dtype="bfloat16", disable_compile=True, max_running_requests=6, max_total_tokens=4096, **kw))
 
     core = bf16_engine()
-    assert core.quantized_layers.get("int4wo-32 (GGUF Q4_1)", 0) > 0
+    mode = core.engine_info().quantization["mode"]
+    assert mode == ("8da4w-32" if has_kernel() else "int4wo-32")  # row by row either way
+    assert core.quantized_layers.get(f"{mode} (GGUF Q4_1)", 0) > 0
     cold = score(core, PROMPTS[0])
     assert core.scheduler.cache.total_size() > 0
     assert score(core, PROMPTS[0]) == cold  # all but its last tokens cached
