@@ -38,6 +38,29 @@ def dense(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (q.double().view(q.shape[0], -1, 32) * d.double()[..., None] + m.double()[..., None]).view(q.shape)
 
 
+def assert_within_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, outputs: list[torch.Tensor]) -> None:
+    """|out - x W^T| <= sum over blocks of (scale / 2) * sum |w| (each input is off by at most half a step), plus
+    float32 rounding and the output's own rounding."""
+    want = x.double() @ w.T + (0 if bias is None else bias.double())
+    _, scales, _ = quantize_rows(x)
+    bound = (scales.double()[:, None, :] / 2 * w.abs().view(w.shape[0], -1, 32).sum(-1)[None]).sum(-1)
+    bound += 1e-5 * (x.double().abs() @ w.abs().T) + torch.finfo(x.dtype).eps * want.abs()
+    for got in outputs:
+        assert got.dtype == x.dtype and got.shape == want.shape
+        assert ((got.double() - want).abs() <= bound + 1e-6).all()
+
+
+def assert_kernel_is(layer: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor) -> None:
+    """The kernel against the torch path's float32 output (only the sums' order differs), and a row's bits alone
+    or with others."""
+    got = layer(x)
+    torch.testing.assert_close(got.float(), reference, atol=1e-4 * (x.shape[1] // 32) ** 0.5, rtol=torch.finfo(x.dtype).eps)
+    for i in (0, x.shape[0] - 1):
+        assert torch.equal(layer(x[i : i + 1]), got[i : i + 1])
+    if x.shape[0] > 2:
+        assert torch.equal(layer(x[1:]), got[1:])
+
+
 @SHAPES
 @given(n_out=st.integers(1, 70), blocks=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_pack_then_unpack_gives_the_blocks_back(n_out, blocks, seed):
@@ -48,56 +71,48 @@ def test_pack_then_unpack_gives_the_blocks_back(n_out, blocks, seed):
     assert torch.equal(back[0], q) and torch.equal(back[1], d) and torch.equal(back[2], m)
 
 
+def layer_of(kind: str, g: torch.Generator, n_out: int, n_in: int, bias: bool, dtype: torch.dtype):
+    """(a W4A8 or W8A8 layer from random weights, its de-quantized weight in float64, its torch path)."""
+    b = torch.randn(n_out, generator=g) if bias else None
+    if kind == "int4":
+        q, d, m = weights(g, n_out, n_in)
+        layer = W4A8Linear(q, d, m, b, dtype)
+        return layer, dense(q, d, m), lambda x: w4a8_torch(x, layer.weights, layer.dm, n_out)
+    q, scales = int8_weights(torch.randn(n_out, n_in, generator=g))
+    layer = W8A8Linear(q, scales, b, dtype)
+    return layer, q.double() * scales.double()[:, None], lambda x: w8a8_torch(x, layer.weights, layer.scales, n_out)
+
+
 @SHAPES
 @given(
-    rows=st.integers(1, 9), n_out=st.integers(1, 70), blocks=st.integers(1, 20), bias=st.booleans(),
-    dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["int4", "int8"]), rows=st.integers(1, 9), n_out=st.integers(1, 70), blocks=st.integers(1, 20),
+    bias=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_within_the_activation_rounding_bound_of_the_dequantized_weights(rows, n_out, blocks, bias, dtype, seed):
-    """|out - x W^T| <= sum over blocks of (scale / 2) * sum |w| (each input is off by at most half a step),
-    plus float32 rounding and the output's own rounding: the layer (the C++ kernel where the CPU has one) and the
-    torch path."""
+def test_within_the_activation_rounding_bound_of_the_dequantized_weights(kind, rows, n_out, blocks, bias, dtype, seed):
+    """The layer (the C++ kernel where the CPU has one) and the torch path."""
     g = torch.Generator().manual_seed(seed)
-    n_in = 32 * blocks
-    q, d, m = weights(g, n_out, n_in)
-    b = torch.randn(n_out, generator=g) if bias else None
-    layer = W4A8Linear(q, d, m, b, dtype)
-    x = torch.randn(rows, n_in, generator=g).to(dtype)
-    w = dense(q, d, m)
-    want = x.double() @ w.T + (0 if b is None else b.to(dtype).double())
-    _, scales, _ = quantize_rows(x)
-    bound = (scales.double()[:, None, :] / 2 * w.abs().view(n_out, blocks, 32).sum(-1)[None]).sum(-1)
-    bound += 1e-5 * (x.double().abs() @ w.abs().T) + torch.finfo(dtype).eps * want.abs()
-    torch_path = w4a8_torch(x, layer.weights, layer.dm, n_out) + (0 if b is None else layer.bias)
-    for got in (layer(x), torch_path):
-        assert got.dtype == dtype and got.shape == (rows, n_out)
-        assert ((got.double() - want).abs() <= bound + 1e-6).all()
+    layer, w, torch_path = layer_of(kind, g, n_out, 32 * blocks, bias, dtype)
+    x = torch.randn(rows, 32 * blocks, generator=g).to(dtype)
+    assert_within_bound(x, w, layer.bias, [layer(x), torch_path(x) + (0 if layer.bias is None else layer.bias)])
 
 
 @needs_kernel
 @SHAPES
 @given(
-    rows=st.integers(1, 11), n_out=st.integers(1, 70), blocks=st.integers(1, 20), dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["int4", "int8"]), rows=st.integers(1, 11), n_out=st.integers(1, 70), blocks=st.integers(1, 20),
+    dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_kernel_is_the_torch_paths_arithmetic_and_a_rows_bits_do_not_depend_on_its_batch(rows, n_out, blocks, dtype, seed):
+def test_kernel_is_the_torch_paths_arithmetic_and_a_rows_bits_do_not_depend_on_its_batch(kind, rows, n_out, blocks, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    n_in = 32 * blocks
-    layer = W4A8Linear(*weights(g, n_out, n_in), None, dtype)
-    x = torch.randn(rows, n_in, generator=g).to(dtype)
-    got = layer(x)
-    want = w4a8_torch(x.float(), layer.weights, layer.dm, n_out)  # float32 out: only the sums' order differs
-    torch.testing.assert_close(got.float(), want, atol=1e-4 * blocks**0.5, rtol=torch.finfo(dtype).eps)
-    for i in (0, rows - 1):
-        assert torch.equal(layer(x[i : i + 1]), got[i : i + 1])
-    if rows > 2:
-        assert torch.equal(layer(x[1:]), got[1:])
+    layer, _, torch_path = layer_of(kind, g, n_out, 32 * blocks, False, dtype)
+    x = torch.randn(rows, 32 * blocks, generator=g).to(dtype)
+    assert_kernel_is(layer, x, torch_path(x.float()))
 
 
 def test_compiled_without_graph_breaks_as_eager():
     g = torch.Generator().manual_seed(0)
     int4 = W4A8Linear(*weights(g, 64, 96), torch.randn(64, generator=g), torch.bfloat16)
-    int8, _ = int8_layer(g, 40, 64, True, torch.bfloat16)
+    int8, _, _ = layer_of("int8", g, 40, 64, True, torch.bfloat16)
     x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
     compiled = torch.compile(lambda t: int8(int4(t * 2).relu()), fullgraph=True)
     assert torch.equal(compiled(x), int8(int4(x * 2).relu()))
@@ -114,13 +129,6 @@ def test_inputs_of_another_width_are_refused():
         pack_int8(torch.full((16, 32), -128, dtype=torch.int8), torch.ones(16))
 
 
-def int8_layer(g: torch.Generator, n_out: int, n_in: int, bias: bool, dtype: torch.dtype) -> tuple[W8A8Linear, torch.Tensor]:
-    """A W8A8 layer from random weights, and its de-quantized weight in float64."""
-    q, scales = int8_weights(torch.randn(n_out, n_in, generator=g))
-    b = torch.randn(n_out, generator=g) if bias else None
-    return W8A8Linear(q, scales, b, dtype), q.double() * scales.double()[:, None]
-
-
 @SHAPES
 @given(n_out=st.integers(1, 70), blocks=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_int8_pack_then_unpack_gives_the_weights_back(n_out, blocks, seed):
@@ -128,42 +136,3 @@ def test_int8_pack_then_unpack_gives_the_weights_back(n_out, blocks, seed):
     w, s = pack_int8(q, scales)
     assert w.shape == (-(-n_out // 16), blocks, 8, 64) and s.shape == (w.shape[0] * 16,)
     assert torch.equal(unpack_int8(w, n_out), q) and torch.equal(s[:n_out], scales)
-
-
-@SHAPES
-@given(
-    rows=st.integers(1, 9), n_out=st.integers(1, 70), blocks=st.integers(1, 20), bias=st.booleans(),
-    dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-)  # fmt: skip
-def test_int8_within_the_activation_rounding_bound_of_the_dequantized_weights(rows, n_out, blocks, bias, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    n_in = 32 * blocks
-    layer, w = int8_layer(g, n_out, n_in, bias, dtype)
-    x = torch.randn(rows, n_in, generator=g).to(dtype)
-    want = x.double() @ w.T + (0 if layer.bias is None else layer.bias.double())
-    _, scales, _ = quantize_rows(x)
-    bound = (scales.double()[:, None, :] / 2 * w.abs().view(n_out, blocks, 32).sum(-1)[None]).sum(-1)
-    bound += 1e-5 * (x.double().abs() @ w.abs().T) + torch.finfo(dtype).eps * want.abs()
-    torch_path = w8a8_torch(x, layer.weights, layer.scales, n_out) + (0 if layer.bias is None else layer.bias)
-    for got in (layer(x), torch_path):
-        assert got.dtype == dtype and got.shape == (rows, n_out)
-        assert ((got.double() - want).abs() <= bound + 1e-6).all()
-
-
-@needs_kernel
-@SHAPES
-@given(
-    rows=st.integers(1, 11), n_out=st.integers(1, 70), blocks=st.integers(1, 20), dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**16),
-)  # fmt: skip
-def test_int8_kernel_is_the_torch_paths_arithmetic_and_a_rows_bits_do_not_depend_on_its_batch(rows, n_out, blocks, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    layer, _ = int8_layer(g, n_out, 32 * blocks, False, dtype)
-    x = torch.randn(rows, 32 * blocks, generator=g).to(dtype)
-    got = layer(x)
-    want = w8a8_torch(x.float(), layer.weights, layer.scales, n_out)
-    torch.testing.assert_close(got.float(), want, atol=1e-4 * blocks**0.5, rtol=torch.finfo(dtype).eps)
-    for i in (0, rows - 1):
-        assert torch.equal(layer(x[i : i + 1]), got[i : i + 1])
-    if rows > 2:
-        assert torch.equal(layer(x[1:]), got[1:])
