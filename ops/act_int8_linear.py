@@ -24,7 +24,6 @@ on the other rows of its batch.
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -143,7 +142,7 @@ _lib.define("linear_w4a8(Tensor x, Tensor weights, Tensor dm, int out_features, 
 _lib.define("linear_w8a8(Tensor x, Tensor weights, Tensor scales, int out_features, Tensor? bias) -> Tensor")
 
 
-def _torch_path(what: str, reference: Callable[[Tensor, Tensor, Tensor, int], Tensor], op: Any) -> Callable[..., Tensor]:
+def _torch_path(what: str, reference: Callable[[Tensor, Tensor, Tensor, int], Tensor], op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """An op's kernel for every device until the C++ one is loaded for the CPU, which this does on its first
     call where the CPU has one (the C++ registration for the CPU key then takes every later call)."""
 
