@@ -138,8 +138,7 @@ def load_q4_1(
             out_features, in_features = dense.weight.shape
             bias = None if dense.bias is None else dense.bias.detach()
             if int8_activations:
-                q, scale, zero = _module_groups(parts, raws, cfg)
-                replace_linear(model, name, W4A8Linear(q, scale, zero - 8 * scale, bias, dtype))  # m = zero - 8d, exactly
+                replace_linear(model, name, W4A8Linear.from_int4(*_module_groups(parts, raws, cfg), bias, dtype))
                 loaded += 1
                 continue
             done = packed_buffers(cached, name, out_features, in_features, key)

@@ -55,8 +55,7 @@ def quantize(model: nn.Module, mode: str, dtype: torch.dtype, dense_from_rows: i
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
         whole_blocks = weight.shape[1] % 32 == 0  # what int8 activations are quantized in
         if mode == "8da4w-32" and is_projection and whole_blocks:
-            q, scale, zero = int4_weights(weight, group)
-            new, fmt = W4A8Linear(q, scale, zero - 8 * scale, bias, dtype), mode
+            new, fmt = W4A8Linear.from_int4(*int4_weights(weight, group), bias, dtype), mode
         elif mode in ("int8dq", "8da4w-32") and whole_blocks:
             new, fmt = W8A8Linear(*int8_weights(weight), bias, dtype), "int8dq"
         elif mode.startswith("int4wo") and is_projection and int4_fits(*weight.shape, group):

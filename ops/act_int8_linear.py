@@ -184,6 +184,11 @@ class W4A8Linear(nn.Module):
         self.register_buffer("dm", dm)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
+    @classmethod
+    def from_int4(cls, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, dtype: torch.dtype) -> "W4A8Linear":
+        """From torch's int4 form, w = (q - 8) * scale + zero (`quant_linear.int4_weights`, `gguf_q4.q4_1_groups`)."""
+        return cls(q, scale, zero - 8 * scale, bias, dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.kiln.linear_w4a8(x, self.weights, self.dm, self.out_features, self.bias)
 
