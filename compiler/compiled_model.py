@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kiln.compiler.compile_workers import Unit, Workers, WorkSpec, do_units
 from kiln.compiler.cuda_graphs import DecodeGraphs
 from kiln.compiler.piecewise import CompileStats, PiecewiseGraph, piecewise_backend
 from kiln.compiler.profile import Profile, pick
@@ -57,10 +59,17 @@ class CompiledModel:
     The model is traced once per compile cache folder: torch.compile's aot_compile saves the trace (Dynamo's
     bytecode and graph, cut into pieces) to `trace_dir`, and a later start loads it instead of tracing again.
     The saved trace skips Dynamo's guards: the cache folder's key (compiler/cache.py) already covers what they
-    would check (model config, dtype, device, profile, Kiln's and torch's versions)."""
+    would check (model config, dtype, device, profile, Kiln's and torch's versions).
 
-    def __init__(self, model: nn.Module, profile: Profile, cuda_graphs: bool = True, trace_dir: Path | None = None):
+    A cold start on the CPU shares its compiling with `compile_workers` processes (compiler/compile_workers.py)."""
+
+    def __init__(
+        self, model: nn.Module, profile: Profile, cuda_graphs: bool = True, trace_dir: Path | None = None, compile_workers: int = 0
+    ):  # fmt: skip
         self.model = model
+        self.compile_workers = compile_workers
+        self.workers_started = 0
+        self.buckets_by_workers = 0
         self.trace_file = None if trace_dir is None else trace_dir / TRACE_FILE
         self.use_cuda_graphs = cuda_graphs
         self.graphs: DecodeGraphs | None = None
@@ -107,22 +116,19 @@ class CompiledModel:
             padded = self._padded[size] = PaddedBatch(size, meta.req_to_token)
         return padded.fill(input_ids, positions, meta)
 
-    def warm_up(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor, show_progress: bool = True) -> None:
-        """Traces the model (or loads the saved trace), then compiles every bucket's distinct pieces (loads them,
-        when the persistent cache has them) without running the model, then freezes."""
+    def warm_up(
+        self, kv: tuple[Tensor, Tensor], req_to_token: Tensor, show_progress: bool = True, before_compiling: Callable[[], None] | None = None
+    ) -> None:
+        """Traces the model (or loads the saved trace), then compiles every bucket's distinct pieces and the C++
+        kernels they call (loads them, when the persistent cache has them) without running the model, then freezes.
+        `before_compiling` runs once the compile workers have started, before this process compiles anything."""
         t0 = time.monotonic()
         with torch.inference_mode():
             if self.trace_file is not None and self.trace_file.exists():
-                self._load_trace()
+                self.load_trace()
             else:
                 self._trace(kv, req_to_token)
-            for size in tqdm(self.buckets, desc="compiling buckets", unit="bucket", disable=not show_progress):
-                for piece in self.stats.distinct:
-                    piece.precompile(size)
-            # The kernel takes scale, window and cap at run time: one build per head shape.
-            for heads, dim in {(kind[0], kind[1]) for kind in self.stats.decode_kinds}:
-                q = torch.zeros(heads, dim, dtype=kv[0].dtype)
-                self.decode_kernels_loaded += prepare_decode(q, kv[0][0])
+            self._compile_units(kv[0].shape[2], kv[0].dtype, kv[0].is_cuda, show_progress, before_compiling)
         self.stats.frozen = True
         if kv[0].is_cuda and self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self._run, kv, req_to_token)
@@ -130,6 +136,57 @@ class CompiledModel:
             self._capture_pieces(kv, req_to_token)
         self.warm_up_seconds = time.monotonic() - t0
         log.info("compiled %d buckets in %.1fs: %s", len(self.buckets), self.warm_up_seconds, self.counters())
+
+    def _compile_units(
+        self, kv_heads: int, kv_dtype: torch.dtype, cuda: bool, show_progress: bool, before_compiling: Callable[[], None] | None
+    ) -> None:
+        """Every unit of work, shared with compile workers when this is a cold CPU start: the decode kernels first
+        (the longest single builds), then the buckets from the smallest (C++-wrapper pieces, the costliest)."""
+        # The decode kernel takes scale, window and cap at run time: one build per head shape.
+        units: list[Unit] = [("decode", heads, dim) for heads, dim in sorted({(kind[0], kind[1]) for kind in self.stats.decode_kinds})]
+        units += [("bucket", size) for size in self.buckets]
+        cold = sum(1 for unit in units if unit[0] == "bucket" and not self._saved(int(unit[1])))
+        workers = None
+        if self.compile_workers and cold > 1 and not cuda and self.trace_file is not None:
+            workers = Workers(WorkSpec(self.trace_file.parent, self.profile, units, kv_heads, kv_dtype), self.compile_workers)
+            self.workers_started = len(workers.procs)
+        if before_compiling is not None:
+            t0 = time.monotonic()
+            before_compiling()
+            self.stats.compile_seconds += time.monotonic() - t0
+        done: set[Unit] = set()
+        with tqdm(total=len(units), desc="compiling", unit="unit", disable=not show_progress) as bar:
+
+            def run(unit: Unit) -> None:
+                self.do_unit(unit, kv_heads, kv_dtype)
+                done.add(unit)
+                bar.update()
+
+            do_units(units, run, None if workers is None else workers.claims)
+            if workers is not None:
+                t0 = time.monotonic()
+                log.info("waiting for the compile workers' last units")
+                workers.wait()
+                self.stats.compile_seconds += time.monotonic() - t0
+                theirs = [unit for unit in units if unit not in done]
+                self.buckets_by_workers = sum(1 for unit in theirs if unit[0] == "bucket")
+                for unit in theirs:  # what the workers saved, loaded
+                    run(unit)
+
+    def do_unit(self, unit: Unit, kv_heads: int, kv_dtype: torch.dtype) -> None:
+        """Compiles (or loads) one unit of warm-up work."""
+        t0 = time.monotonic()
+        if unit[0] == "bucket":
+            for piece in self.stats.distinct:
+                piece.precompile(int(unit[1]))
+            return  # pieces count their own time
+        heads, dim = int(unit[1]), int(unit[2])
+        q, pool = torch.zeros(heads, dim, dtype=kv_dtype), torch.zeros(1, kv_heads, dim, dtype=kv_dtype)
+        self.decode_kernels_loaded += prepare_decode(q, pool)
+        self.stats.compile_seconds += time.monotonic() - t0
+
+    def _saved(self, size: int) -> bool:
+        return all(piece.is_saved(size) for piece in self.stats.distinct)
 
     def _trace(self, kv: tuple[Tensor, Tensor], req_to_token: Tensor) -> None:
         size = self.buckets[0]
@@ -144,7 +201,7 @@ class CompiledModel:
         if self.trace_file is not None:
             self._forward.save_compiled_function(str(self.trace_file))
 
-    def _load_trace(self) -> None:
+    def load_trace(self) -> None:
         self._forward = load_unguarded(self.trace_file)
         # aot_compile keeps the backend's output as the function's compiled graph; it comes back unbound.
         graph: PiecewiseGraph = self._forward._artifacts.compiled_fn
@@ -190,6 +247,8 @@ class CompiledModel:
             "recompiles": max(self.stats.traces - 1, 0),
             "trace_loaded": self.trace_loaded,
             "cpu_decode_kernels_loaded": self.decode_kernels_loaded,
+            "compile_workers": self.workers_started,
+            "buckets_by_workers": self.buckets_by_workers,
             "graph_breaks": int(sum(torch._dynamo.utils.counters["graph_break"].values())),
             "eager_fallbacks": self.eager_fallbacks,
             "cpu_decode_kernels": len(self.stats.decode_kinds),

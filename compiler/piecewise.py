@@ -195,11 +195,18 @@ class Piece(torch.nn.Module):
             return None
         return self.stats.artifact_dir / f"piece-{self.key[:24]}-{'-'.join(map(str, sizes))}.bin"
 
+    def is_saved(self, size: int) -> bool:
+        """Whether an earlier start saved this piece's artifact for a bucket."""
+        path = self._artifact_path(self._sizes(size))
+        return path is not None and path.exists()
+
+    def _sizes(self, size: int) -> tuple[int, ...]:
+        return tuple(_concrete(spec[1], size) for spec in self.inputs if spec[0] == "int")
+
     def precompile(self, size: int) -> None:
         """Compiles this piece for a bucket without running the model: the inputs are zeros shaped as the trace
         recorded them, with every symbolic size set to `size` (padding makes every per-row input bucket-long)."""
-        sizes = tuple(_concrete(spec[1], size) for spec in self.inputs if spec[0] == "int")
-        self._compiled(sizes, lambda: tuple(_example(spec, size) for spec in self.inputs))
+        self._compiled(self._sizes(size), lambda: tuple(_example(spec, size) for spec in self.inputs))
 
     def forward(self, *args: Any) -> Any:
         sizes = tuple(a for a in args if isinstance(a, int))

@@ -23,6 +23,8 @@ from kiln.ops.quant_linear import Int4Linear, Int8Linear, int4_fits, int4_weight
 from kiln.ops.act_int8_linear import W4A8Linear, W8A8Linear
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# The modes whose linears round their activations to int8 (the C++ kernels of ops/act_int8_linear_cpu.cpp).
+INT8_ACTIVATION_MODES = ("int8dq", "8da4w-32")
 _MODE = re.compile(r"int8wo|int4wo-(32|64|128|256)|int8dq|8da4w-32")
 
 

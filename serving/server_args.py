@@ -67,6 +67,9 @@ class ServerArgs:
     disable_compile: bool = _opt(False, "run the model eagerly instead of compiling one graph per shape bucket")
     profile: str | None = _opt(None, "bucket profile TOML (default: profiles/<device>.toml)")
     compile_cache_dir: str | None = _opt(None, "root of the persistent compile cache; graphs go in <root>/<key> (default: <cache-dir>/compile)")
+    compile_workers: int | None = _opt(
+        None, "processes that share a cold start's compiling on the CPU (default: one per core beyond the first, at most 3; 0: none)"
+    )
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch bucket to compile (narrows the profile)")
     disable_cuda_graph: bool = _opt(False, "on CUDA, run compiled decode steps without replaying captured CUDA graphs")
     is_embedding: bool = _opt(False, "serve a decoder (Llama, Qwen2) as an embedding model: /encode, /v1/embeddings, no /generate")

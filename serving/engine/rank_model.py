@@ -24,12 +24,15 @@ from kiln.models.config import ModelConfig
 from kiln.models.dummy import dummy_config_folder
 from kiln.models.gguf_q4 import GGUFQ4_1
 from kiln.models.loader import gguf_file, load_model, quantize_model, resolve_checkpoint
+from kiln.models.quantize import INT8_ACTIVATION_MODES
+from kiln.ops.act_int8_linear import has_kernel, load_kernel
 from kiln.ops.tensor_parallel import TensorParallel
 from kiln.serving.engine.device import available_memory, resolve_quantization
 from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.server_args import ServerArgs
 
 if TYPE_CHECKING:  # imported where it compiles: it pulls in Dynamo and Inductor, which an eager server never needs
+    from kiln.compiler.compile_workers import default_workers
     from kiln.compiler.compiled_model import CompiledModel
 
 log = logging.getLogger(__name__)
@@ -67,11 +70,15 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     path = None if dummy else gguf_file(args.model_path)
     gguf = None if path is None else GGUFQ4_1(path, checkpoint / "q4_1.blocks")
     quantization, dtype = resolve_quantization(args.torchao_config, args.dtype, device, gguf)
+    profile = Profile.for_device(device.type, args.profile).narrowed(args.cuda_graph_max_bs)
+    cache = None if args.disable_compile else _use_compile_cache(args, tp, cfg, quantization, dtype, device, profile)
+    kernels = _build_kernels(quantization, device)
     dummy_seed = args.random_seed if dummy else None
     model = load_model(checkpoint, cfg, dtype, device, args.is_embedding, dummy_seed, tp=tp)
-    profile = Profile.for_device(device.type, args.profile).narrowed(args.cuda_graph_max_bs)
     dense_from_rows = 0 if quantization == "none" else _dense_from_rows(model, profile, free_before)
     quantized = {} if quantization == "none" else quantize_model(model, cfg, quantization, dtype, gguf, tp, dense_from_rows)
+    if kernels is not None and cache is None:
+        kernels.join()
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     t_load = time.monotonic()
     log.info("loaded %s (%.0f MB, %s on %s) in %.1fs", cfg.architectures[0], weights / 1e6, dtype, device, t_load - t0)
@@ -99,7 +106,7 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     t_pool = time.monotonic()
     if compiler_runtime is not None:
         compiler_runtime.join()
-    compiled = None if args.disable_compile else _compile(args, tp, cfg, quantization, dtype, device, profile, model, pool)
+    compiled = None if cache is None else _compile(args, tp, cache, profile, model, pool, kernels)
     compile_s = compiled.stats.compile_seconds if compiled else 0.0
     seconds = {"load": t_load - t0, "pool_sizing": t_pool - t_load, "compile": compile_s, "warm_up": time.monotonic() - t_pool - compile_s}
     return RankModel(
@@ -144,21 +151,43 @@ def _smallest(num_slots: int, tp: TensorParallel) -> int:
     return int(t.item())
 
 
-def _compile(
-    args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile,
-    model: nn.Module, pool: KVPool,
-) -> "CompiledModel":
-    from kiln.compiler.compiled_model import CompiledModel
+def _build_kernels(quantization: str, device: torch.device) -> threading.Thread | None:
+    """Starts building (or loading) the int8-activation linears' C++ library where the model will use it, so
+    that its build (about 15 s, once) overlaps reading the weights and tracing: a thread, as the compiler's
+    toolchain runs in a subprocess. A compiled start joins it before compiling (the build reads Inductor's
+    settings, which compiling patches), an eager one once the weights are in."""
+    if device.type != "cpu" or quantization not in INT8_ACTIVATION_MODES or not has_kernel():
+        return None
+    thread = threading.Thread(target=load_kernel, name="kiln-kernels", daemon=True)
+    thread.start()
+    return thread
 
+
+def _use_compile_cache(
+    args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile
+) -> Path:
+    """The compile cache folder for this model and settings, Inductor's caches pointed at it."""
     # A shard's shapes differ with the rank count: one cache per --tp-size, which the ranks share (Inductor's
     # keys tell their pieces apart).
     sharding = {"kiln_tp_size": tp.size} if tp.size > 1 else {}
     key = cache_key({**cfg.raw, "kiln_quantization": quantization, **sharding}, dtype, device, profile)
     cache = Path(args.compile_cache_dir or Path(args.cache_dir) / "compile") / key
     use_cache_dir(cache)
+    return cache
+
+
+def _compile(
+    args: ServerArgs, tp: TensorParallel, cache: Path, profile: Profile, model: nn.Module, pool: KVPool, kernels: threading.Thread | None
+) -> "CompiledModel":
+    from kiln.compiler.compile_workers import default_workers
+    from kiln.compiler.compiled_model import CompiledModel
+
     # A tensor-parallel trace is not saved: its guards hold the process group, which does not pickle (and its
     # constants differ by rank). Its ranks trace at every start and load their pieces from the cache.
-    compiled = CompiledModel(model, profile, cuda_graphs=not args.disable_cuda_graph, trace_dir=cache if tp.size == 1 else None)
+    workers = default_workers() if args.compile_workers is None else args.compile_workers
+    compiled = CompiledModel(
+        model, profile, cuda_graphs=not args.disable_cuda_graph, trace_dir=cache if tp.size == 1 else None, compile_workers=workers
+    )  # fmt: skip
     log.info("compiling %d buckets %s (cache %s)", len(compiled.buckets), compiled.buckets, cache)
-    compiled.warm_up((pool.k, pool.v), pool.req_to_token)
+    compiled.warm_up((pool.k, pool.v), pool.req_to_token, before_compiling=None if kernels is None else kernels.join)
     return compiled
