@@ -9,7 +9,8 @@ installed, a Triton kernel for CUDA (`attention_triton.py`); every op picks by
 device from one table. Both are tested against `attention_ref.py`. A compiled
 model on the CPU decodes with `attention_decode_cpu.py` instead, a C++
 kernel that stores the step's K/V and reads the pool in place (the compiler
-sets `inplace_decode`).
+sets `inplace_decode`); once that kernel is built, `attention_cpu_op.cpp`
+implements the op for the CPU and calls it without entering Python.
 
 Batch layout: the T query rows are the requests' new tokens back to back
 (request i owns ``extend_lens[i]`` rows from ``extend_starts[i]``), followed by
@@ -161,12 +162,16 @@ def _(q, k_cache, v_cache, layer, req_to_token, req_indices, seq_lens, extend_le
 # kiln::attention is declared with torch.library's plain define/impl rather than
 # @custom_op: on the CPU the decorator's Python layers cost about 0.25 ms a call, as
 # much as a short batch's whole decode attention, 30 times a step.
+# On the CPU, once a compiled model's decode kernel is built, a C++ kernel (attention_cpu_op.cpp) takes the op's
+# calls and runs decode steps itself; it hands every other call to `attention_py`, the same Python kernel.
 _lib = torch.library.Library("kiln", "FRAGMENT")
-_lib.define(
-    "attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor out_slots, "
+_ARGS = (
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor out_slots, "
     "Tensor req_to_token, Tensor req_indices, Tensor seq_lens, Tensor extend_lens, Tensor extend_starts, "
     "Tensor max_extend_len, float scale, bool causal, int sliding_window, float logit_cap, bool inplace_decode=False) -> Tensor"
 )
+_lib.define("attention" + _ARGS)
+_lib.define("attention_py" + _ARGS)
 
 
 def _attention(
@@ -210,6 +215,7 @@ def _attention(
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")
+_lib.impl("attention_py", _attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("kiln::attention")

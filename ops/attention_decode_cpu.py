@@ -14,6 +14,8 @@ and vector ISA Inductor picks for this CPU) into Inductor's cache, which a serve
 folder: a warm start loads the built library instead of compiling it.
 """
 
+import ctypes
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_suffix(".cpp")
+_OP_SOURCE = Path(__file__).with_name("attention_cpu_op.cpp")
 _CPP_TYPES = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
 _ARG_TYPES = [
     *("const q_t*", "const kv_t*", "const kv_t*", "const int32_t*", "const int64_t*", "const int64_t*", "q_t*", "float*"),
@@ -64,7 +67,20 @@ def _kernel(q: Tensor, k_cache: Tensor) -> Callable[..., None]:
     fn = _kernels.get(key)
     if fn is None:
         fn = _kernels[key] = _build(key)
+        _load_op()
+        # The C++ op calls the built kernel by its address; the module that binds it for Python stays loaded.
+        address = ctypes.cast(ctypes.CDLL(fn.__self__.__file__).kernel, ctypes.c_void_p).value
+        torch.ops.kiln.register_cpu_decode(q.new_empty(q.shape[-2:]), k_cache[:1], address)
     return fn
+
+
+@functools.cache
+def _load_op() -> None:
+    """Loads kiln::attention's C++ kernel for the CPU (attention_cpu_op.cpp), which runs the built kernels of
+    compiled models' decode steps without Python; built once into Inductor's cache, like the kernels."""
+    from torch._inductor.codecache import CppCodeCache
+
+    CppCodeCache.load(_OP_SOURCE.read_text())
 
 
 def decode_inplace(

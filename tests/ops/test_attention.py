@@ -120,3 +120,34 @@ def test_a_prompt_position_comes_out_the_same_however_its_prefix_was_computed(dt
         assert torch.equal(attend(total, total - cached), whole[cached:]), f"cached prefix of {cached}"
     for shorter in (2, 100, 530, 690):
         assert torch.equal(attend(shorter, shorter), whole[:shorter]), f"a prompt of {shorter}"
+
+
+def _ops_called(fn):
+    """fn()'s result and the kiln ops it dispatched, in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, [e.name for e in prof.events() if e.name.startswith("kiln::")]
+
+
+def test_a_built_decode_step_runs_in_cpp_and_everything_else_in_python(make_batch):
+    """Once the in-place kernel is built, decode steps never enter the op's Python kernel (kiln::attention_py);
+    prefill, eager calls and calls the kernel cannot read still do, with the same results and errors."""
+    decode = dict(pad=1, pad_reqs=1, heads=6, kv_heads=2, head_dim=16)
+    run_op(make_batch([(5, 1), (9, 1)], **decode), inplace_decode=True)  # builds and registers the variant
+    b = make_batch([(3, 1), (11, 1)], **decode)
+    (out, ref), ops = _ops_called(lambda: run_op(b, inplace_decode=True))
+    assert ops == ["kiln::attention"]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[b.new_rows :] == 0)
+    torch.testing.assert_close(b.k_cache[b.layer, b.out_slots[: b.new_rows]], b.k_new[: b.new_rows])
+
+    for reqs, inplace in (([(3, 4), (2, 1)], True), ([(3, 1), (11, 1)], False)):  # prefill; an eager model's decode
+        b = make_batch(reqs, **decode)
+        (out, ref), ops = _ops_called(lambda: run_op(b, inplace_decode=inplace))
+        assert "kiln::attention_py" in ops
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    b = make_batch([(3, 1), (11, 1)], **decode)
+    b.table = b.table.long()  # a layout the kernel cannot read: the Python kernel's error, not a wrong answer
+    with pytest.raises(ValueError, match="int32 slot table"):
+        run_op(b, inplace_decode=True)
