@@ -47,10 +47,13 @@ def cache_key(model_config: dict, dtype: torch.dtype, device: torch.device, prof
     return h.hexdigest()[:20]
 
 
-def use_cache_dir(path: Path) -> None:
-    """Points Inductor's on-disk caches at `path`; called once, before anything compiles."""
+def use_cache_dir(path: Path, compiling: bool = True) -> None:
+    """Points Inductor's on-disk caches at `path`; called once, before anything compiles. With `compiling`
+    off (an eager engine, which only builds kernel libraries) Inductor is not imported."""
     path.mkdir(parents=True, exist_ok=True)
     # Inductor takes its cache location only from this variable; set once at start-up, from ServerArgs.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    if not compiling:
+        return
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True

@@ -71,7 +71,7 @@ def build_rank_model(args: ServerArgs, device: torch.device, tp: TensorParallel,
     gguf = None if path is None else GGUFQ4_1(path, checkpoint / "q4_1.blocks")
     quantization, dtype = resolve_quantization(args.torchao_config, args.dtype, device, gguf)
     profile = Profile.for_device(device.type, args.profile).narrowed(args.cuda_graph_max_bs)
-    cache = None if args.disable_compile else _use_compile_cache(args, tp, cfg, quantization, dtype, device, profile)
+    cache = _use_compile_cache(args, tp, cfg, quantization, dtype, device, profile)
     kernels = _build_kernels(quantization, device)
     dummy_seed = args.random_seed if dummy else None
     model = load_model(checkpoint, cfg, dtype, device, args.is_embedding, dummy_seed, tp=tp)
@@ -165,13 +165,19 @@ def _build_kernels(quantization: str, device: torch.device) -> threading.Thread 
 
 def _use_compile_cache(
     args: ServerArgs, tp: TensorParallel, cfg: ModelConfig, quantization: str, dtype: torch.dtype, device: torch.device, profile: Profile
-) -> Path:
-    """The compile cache folder for this model and settings, Inductor's caches pointed at it."""
+) -> Path | None:
+    """The compile cache folder for this model and settings, Inductor's caches pointed at it; None for an
+    eager engine, whose Inductor cache is one folder for every model: it holds only the kernel libraries Kiln
+    builds (the int8 linears'), which Inductor keys by their source, so a later eager start loads them."""
+    root = Path(args.compile_cache_dir or Path(args.cache_dir) / "compile")
+    if args.disable_compile:
+        use_cache_dir(root / "eager", compiling=False)
+        return None
     # A shard's shapes differ with the rank count: one cache per --tp-size, which the ranks share (Inductor's
     # keys tell their pieces apart).
     sharding = {"kiln_tp_size": tp.size} if tp.size > 1 else {}
     key = cache_key({**cfg.raw, "kiln_quantization": quantization, **sharding}, dtype, device, profile)
-    cache = Path(args.compile_cache_dir or Path(args.cache_dir) / "compile") / key
+    cache = root / key
     use_cache_dir(cache)
     return cache
 

@@ -2,6 +2,7 @@
 real checkpoint of the same shape can replace the dummy weights (a failed copy brings the dummy ones back)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -134,3 +135,11 @@ def test_xgrammar_is_imported_with_the_first_grammar(tmp_path):
     assert before == "False True"  # a tokenizer and grammars, but no xgrammar yet
     imported, text = after.split(" ", 1)
     assert imported == "True" and re.fullmatch("'[0-9]{5}'", text), after
+
+
+def test_an_eager_engine_keeps_its_kernel_libraries_in_the_cache_folder(folders, tmp_path, monkeypatch):
+    """Inductor's cache (where the int8 linears' library is built) outlives the machine's /tmp: an eager start
+    on a fresh machine builds it once, later ones load it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # restored after the test
+    engine(folders["config"], load_format="dummy", cache_dir=str(tmp_path))
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "compile" / "eager"
