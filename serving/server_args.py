@@ -110,6 +110,8 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.dp_size < 1:
             raise ValueError(f"--dp-size must be at least 1 (got {self.dp_size})")
+        if self.compile_workers is not None and self.compile_workers < 0:
+            raise ValueError(f"--compile-workers must be 0 or more (got {self.compile_workers})")
         problem = self._distributed_problem()
         if problem:
             raise ValueError(problem)

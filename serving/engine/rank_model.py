@@ -32,7 +32,6 @@ from kiln.serving.engine.kv_pool import KVPool
 from kiln.serving.server_args import ServerArgs
 
 if TYPE_CHECKING:  # imported where it compiles: it pulls in Dynamo and Inductor, which an eager server never needs
-    from kiln.compiler.compile_workers import default_workers
     from kiln.compiler.compiled_model import CompiledModel
 
 log = logging.getLogger(__name__)

@@ -25,3 +25,12 @@ def test_load_balance_method_defaults_to_cache_aware():
     assert ServerArgs.from_cli(["--load-balance-method", "shortest_queue"]).load_balance_method == "shortest_queue"
     with pytest.raises(SystemExit):
         ServerArgs.from_cli(["--load-balance-method", "round_robin"])
+
+
+def test_compile_workers_default_to_the_machine_and_refuse_a_negative_count(capsys: pytest.CaptureFixture[str]):
+    assert ServerArgs.from_cli([]).compile_workers is None
+    assert ServerArgs.from_cli(["--compile-workers", "0"]).compile_workers == 0
+    with pytest.raises(SystemExit) as exc:
+        ServerArgs.from_cli(["--compile-workers", "-1"])
+    assert exc.value.code == 2
+    assert "--compile-workers must be 0 or more (got -1)" in capsys.readouterr().err
