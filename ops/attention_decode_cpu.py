@@ -11,7 +11,8 @@ each K row once per query head, in vectors with a horizontal sum each.
 The compiler lowers `kiln::attention` to it (see compiler/piecewise.py); eager models keep SDPA. One build per
 dtype and head shape serves every batch and context width. It is built by Inductor's C++ toolchain (the flags
 and vector ISA Inductor picks for this CPU) into Inductor's cache, which a server points at its compile cache
-folder: a warm start loads the built library instead of compiling it.
+folder: a warm start loads the built library instead of compiling it. attention_cpu_op.cpp launches a built
+kernel (how many chunks, their scratch) for both `decode_inplace` here and the op's own decode steps.
 """
 
 import ctypes
@@ -32,12 +33,10 @@ _ARG_TYPES = [
     *("const q_t*", "const q_t*", "const int64_t*"),
     *("int64_t", "int64_t", "int64_t", "int64_t", "float", "int64_t", "float", "int64_t", "int64_t", "int64_t"),
 ]
-# The kernel merges a request's chunks with a fixed-size array (attention_decode_cpu.cpp).
-_MAX_CHUNKS = 64
 _NOTHING = torch.empty(0)
 
-# (q dtype, heads, head dim, KV heads, pool dtype) -> the built kernel. Held here because the op that calls
-# it takes only tensors.
+# (q dtype, heads, head dim, KV heads, pool dtype) -> the built kernel's Python binding, held so that each
+# variant is built once and its library stays loaded: attention_cpu_op.cpp launches it by address.
 _kernels: dict[tuple[object, ...], Callable[..., None]] = {}
 
 
@@ -103,7 +102,7 @@ def decode_inplace(
         raise ValueError("CPU decode attention reads an int32 slot table with contiguous rows, int64 request rows and lengths")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("CPU decode attention reads contiguous K/V caches")
-    batch, heads, dim = q.shape
+    batch, _, dim = q.shape
     kv_heads = k_cache.shape[1]
     k, v, slots = (_NOTHING, _NOTHING, _NOTHING) if new_kv is None else new_kv
     if new_kv is not None:
@@ -112,19 +111,11 @@ def decode_inplace(
             raise ValueError(f"CPU decode attention stores K/V rows {tuple(row)} in q's dtype, one per request")
         if k.stride()[1:] != (dim, 1) or v.stride()[1:] != (dim, 1) or slots.dtype != torch.int64 or slots.shape != (batch,):
             raise ValueError("CPU decode attention stores K/V rows contiguous within a row at one int64 slot per request")
-    threads = torch.get_num_threads()
-    # Enough tasks for the threads: a lone request's context is split (the kernel leaves chunks past a short
-    # context empty), a full batch's is not.
-    chunks = min(_MAX_CHUNKS, -(-4 * threads // max(batch * kv_heads, 1)))
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    scratch = torch.empty(batch * chunks * heads * (dim + 2)) if chunks > 1 else _NOTHING  # the chunks' partial results
-    _kernel(q, k_cache)(
-        q, k_cache, v_cache, req_to_token, req_indices.contiguous(), seq_lens.contiguous(), out, scratch, k, v, slots,
-        batch, req_to_token.stride(0), chunks, threads, scale, sliding_window, logit_cap,
-        0 if new_kv is None else batch, k.stride(0) if batch else 0, v.stride(0) if batch else 0,
-    )  # fmt: skip
-    return out
+    _kernel(q, k_cache)  # built, and registered with the C++ op that launches it
+    stores = 0 if new_kv is None else batch
+    return torch.ops.kiln.decode_inplace_cpu(
+        q, k_cache, v_cache, req_to_token, req_indices, seq_lens, scale, sliding_window, logit_cap, k, v, slots, stores
+    )
 
 
 def prepare_decode(q: Tensor, k_cache: Tensor) -> int:
